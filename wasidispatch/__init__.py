@@ -1,0 +1,87 @@
+"""wasidispatch: run WebAssembly next to Linux containers, decided by the entrypoint's bytes.
+
+The public names are re-exported here lazily (PEP 562): ``import wasidispatch`` is cheap, and
+``wasidispatch.sniff`` imports only the stdlib-only detector, never pydantic or an engine.
+
+Example::
+
+    >>> import wasidispatch
+    >>> wasidispatch.sniff(b"\\0asm\\x01\\0\\0\\0").format
+    'wasm-module'
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it. Add a line here and in the TYPE_CHECKING block below.
+_EXPORTS: dict[str, str] = {
+    # errors
+    "CacheError": "wasidispatch.errors",
+    "CantHandle": "wasidispatch.errors",
+    "CompileError": "wasidispatch.errors",
+    "DetectionError": "wasidispatch.errors",
+    "EngineError": "wasidispatch.errors",
+    "EngineUnavailable": "wasidispatch.errors",
+    "ExecutorError": "wasidispatch.errors",
+    "IncompatibleArtifact": "wasidispatch.errors",
+    "RegistryError": "wasidispatch.errors",
+    "SpecError": "wasidispatch.errors",
+    "WasiDispatchError": "wasidispatch.errors",
+    # engine contract
+    "Capabilities": "wasidispatch.engines._api",
+    "Engine": "wasidispatch.engines._api",
+    "ExitReason": "wasidispatch.engines._api",
+    "Limits": "wasidispatch.engines._api",
+    "Preopen": "wasidispatch.engines._api",
+    "RunResult": "wasidispatch.engines._api",
+    "Stdio": "wasidispatch.engines._api",
+    "Timings": "wasidispatch.engines._api",
+    "Verdict": "wasidispatch.engines._api",
+    "Workload": "wasidispatch.engines._api",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if TYPE_CHECKING:
+    from wasidispatch.engines._api import (
+        Capabilities,
+        Engine,
+        ExitReason,
+        Limits,
+        Preopen,
+        RunResult,
+        Stdio,
+        Timings,
+        Verdict,
+        Workload,
+    )
+    from wasidispatch.errors import (
+        CacheError,
+        CantHandle,
+        CompileError,
+        DetectionError,
+        EngineError,
+        EngineUnavailable,
+        ExecutorError,
+        IncompatibleArtifact,
+        RegistryError,
+        SpecError,
+        WasiDispatchError,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wasidispatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,0 +1,1 @@
+"""Subcommands of the ``wasidispatch`` command line, one module each (see `wasidispatch.cli`)."""

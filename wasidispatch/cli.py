@@ -1,0 +1,50 @@
+"""The ``wasidispatch`` command line.
+
+Each subcommand lives in its own module under ``wasidispatch/_cli/`` exposing
+``register(subparsers)``; registering only touches argparse, and a subcommand imports what it
+needs (pydantic, an engine) when it runs, so ``wasidispatch detect`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from wasidispatch import __version__
+from wasidispatch.errors import WasiDispatchError
+
+# Order here is the order in ``--help``. Add a subcommand by adding its module name.
+_SUBCOMMANDS: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="wasidispatch",
+        description="Run WebAssembly next to Linux containers, dispatched by entrypoint bytes.",
+    )
+    parser.add_argument("--version", action="version", version=f"wasidispatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _SUBCOMMANDS:
+        importlib.import_module(f"wasidispatch._cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        status: int = func(args)
+    except WasiDispatchError as exc:
+        print(f"wasidispatch: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return status
