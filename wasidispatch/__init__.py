@@ -13,7 +13,10 @@ Example::
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+# Not `from typing import ...`: typing costs more to import than the whole detector, and mypy
+# treats a module-level TYPE_CHECKING = False like typing.TYPE_CHECKING.
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
@@ -31,6 +34,15 @@ _EXPORTS: dict[str, str] = {
     "RegistryError": "wasidispatch.errors",
     "SpecError": "wasidispatch.errors",
     "WasiDispatchError": "wasidispatch.errors",
+    # format detection
+    "Detected": "wasidispatch.detect",
+    "ElfInfo": "wasidispatch.detect",
+    "ScriptInfo": "wasidispatch.detect",
+    "WasmInfo": "wasidispatch.detect",
+    "resolve_in_root": "wasidispatch.detect",
+    "sniff": "wasidispatch.detect",
+    "sniff_file": "wasidispatch.detect",
+    "sniff_path": "wasidispatch.detect",
     # engine contract
     "Capabilities": "wasidispatch.engines._api",
     "Engine": "wasidispatch.engines._api",
@@ -47,6 +59,18 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:
+    from typing import Any
+
+    from wasidispatch.detect import (
+        Detected,
+        ElfInfo,
+        ScriptInfo,
+        WasmInfo,
+        resolve_in_root,
+        sniff,
+        sniff_file,
+        sniff_path,
+    )
     from wasidispatch.engines._api import (
         Capabilities,
         Engine,
