@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 DEBS := runc crun busybox-static clang lld wasi-libc libclang-rt-14-dev-wasm32 skopeo \
         docker-registry containerd libmagic1
 
-.PHONY: demo test lint typecheck pytest bench system-deps clean
+.PHONY: demo test lint typecheck pytest bench system-deps fixtures clean
 
 $(VENV)/.stamp-base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,11 @@ lint: $(VENV)/.stamp-test
 typecheck: $(VENV)/.stamp-test
 	$(VENV)/bin/mypy
 
-pytest: system-deps $(VENV)/.stamp-test
+# Real binaries from other architectures (Debian's arm64 busybox), cached in tests/.fixtures/.
+fixtures: $(VENV)/.stamp-test
+	$(PY) -m tests._fixtures
+
+pytest: system-deps $(VENV)/.stamp-test fixtures
 	$(PY) -m pytest
 
 test: lint typecheck pytest
