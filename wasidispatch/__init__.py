@@ -54,6 +54,11 @@ _EXPORTS: dict[str, str] = {
     "Timings": "wasidispatch.engines._api",
     "Verdict": "wasidispatch.engines._api",
     "Workload": "wasidispatch.engines._api",
+    # precompile cache
+    "CacheEntry": "wasidispatch.cache",
+    "CacheStats": "wasidispatch.cache",
+    "CachedArtifact": "wasidispatch.cache",
+    "PrecompileCache": "wasidispatch.cache",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -61,6 +66,7 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 if TYPE_CHECKING:
     from typing import Any
 
+    from wasidispatch.cache import CachedArtifact, CacheEntry, CacheStats, PrecompileCache
     from wasidispatch.detect import (
         Detected,
         ElfInfo,
