@@ -67,16 +67,14 @@ if TYPE_CHECKING:
     from typing import Any
 
     from wasidispatch.cache import CachedArtifact, CacheEntry, CacheStats, PrecompileCache
-    from wasidispatch.detect import (
-        Detected,
-        ElfInfo,
-        ScriptInfo,
-        WasmInfo,
-        resolve_in_root,
-        sniff,
-        sniff_file,
-        sniff_path,
-    )
+    from wasidispatch.detect import Detected as Detected
+    from wasidispatch.detect import ElfInfo as ElfInfo
+    from wasidispatch.detect import ScriptInfo as ScriptInfo
+    from wasidispatch.detect import WasmInfo as WasmInfo
+    from wasidispatch.detect import resolve_in_root as resolve_in_root
+    from wasidispatch.detect import sniff as sniff
+    from wasidispatch.detect import sniff_file as sniff_file
+    from wasidispatch.detect import sniff_path as sniff_path
     from wasidispatch.engines._api import (
         Capabilities,
         Engine,
