@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "Descriptor": "wasidispatch.oci.image",
     "Digest": "wasidispatch.oci.image",
     "ImageConfig": "wasidispatch.oci.image",
+    "ImageLayout": "wasidispatch.oci.layout",
     "Index": "wasidispatch.oci.image",
     "LayoutHeader": "wasidispatch.oci.image",
     "Manifest": "wasidispatch.oci.image",
@@ -32,6 +33,9 @@ _EXPORTS: dict[str, str] = {
     "State": "wasidispatch.oci.runtime",
     "Features": "wasidispatch.oci.runtime",
     "WasmConfig": "wasidispatch.oci.wasm",
+    "WasmLayer": "wasidispatch.oci.layout",
+    "pack_wasm": "wasidispatch.oci.layout",
+    "wasm_layers": "wasidispatch.oci.layout",
 }
 
 __all__ = [
@@ -39,6 +43,7 @@ __all__ = [
     "Digest",
     "Features",
     "ImageConfig",
+    "ImageLayout",
     "Index",
     "LayoutHeader",
     "Manifest",
@@ -47,6 +52,9 @@ __all__ = [
     "Spec",
     "State",
     "WasmConfig",
+    "WasmLayer",
+    "pack_wasm",
+    "wasm_layers",
 ]
 
 if TYPE_CHECKING:
@@ -59,6 +67,7 @@ if TYPE_CHECKING:
         Manifest,
         Platform,
     )
+    from wasidispatch.oci.layout import ImageLayout, WasmLayer, pack_wasm, wasm_layers
     from wasidispatch.oci.runtime import Features, Process, Spec, State
     from wasidispatch.oci.wasm import WasmConfig
 
