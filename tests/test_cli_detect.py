@@ -100,3 +100,13 @@ def test_python_dash_m_and_the_console_script(files: dict[str, Path]) -> None:
         )
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["script"] == {"interpreter": "/bin/sh", "argument": "-e"}
+
+
+def test_detect_demo_prints_every_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from wasidispatch._demo import detect_demo
+
+    assert detect_demo(tmp_path) == 0
+    out = capsys.readouterr().out
+    for kind in ("wasm-component", "wasm-module", "wasm-text", "elf ", "script #!", "unknown: "):
+        assert kind in out
+    assert (tmp_path / "module.wasm").read_bytes()[:4] == b"\0asm"

@@ -401,6 +401,11 @@ def test_only_the_prefix_counts(magic: bytes, head: bytes, fill: int, tail: byte
     assert sniff(data) == sniff(data[:PREFIX_SIZE])
 
 
+def test_unknown_reads_well() -> None:
+    assert str(sniff(b"")) == "unknown: empty"
+    assert str(sniff(b"MZ\x90\x00")) == "unknown: no known signature (starts with 4d5a9000)"
+
+
 def test_non_bytes_input_is_unknown_not_an_exception() -> None:
     d = sniff("#!/bin/sh")  # type: ignore[arg-type]
     assert d.format == "unknown"

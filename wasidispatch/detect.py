@@ -236,7 +236,7 @@ class Detected(_Value):
             arg = "" if s.argument is None else f" {s.argument}"
             return f"script #!{s.interpreter}{arg}"
         if self.reason is not None:
-            return f"{self.format} ({self.reason})"
+            return f"{self.format}: {self.reason}"
         return self.format
 
     def to_dict(self) -> dict[str, Any]:
