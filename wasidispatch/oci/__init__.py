@@ -20,6 +20,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
+    "Bundle": "wasidispatch.oci.bundle",
     "Descriptor": "wasidispatch.oci.image",
     "Digest": "wasidispatch.oci.image",
     "ImageConfig": "wasidispatch.oci.image",
@@ -39,6 +40,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "Bundle",
     "Descriptor",
     "Digest",
     "Features",
@@ -58,6 +60,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from wasidispatch.oci.bundle import Bundle
     from wasidispatch.oci.image import (
         Descriptor,
         Digest,
