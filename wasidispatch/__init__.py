@@ -54,6 +54,9 @@ _EXPORTS: dict[str, str] = {
     "Timings": "wasidispatch.engines._api",
     "Verdict": "wasidispatch.engines._api",
     "Workload": "wasidispatch.engines._api",
+    # engines
+    "EngineInfo": "wasidispatch.engines",
+    "WasmtimeEngine": "wasidispatch.engines.wasmtime",
     # precompile cache
     "CacheEntry": "wasidispatch.cache",
     "CacheStats": "wasidispatch.cache",
@@ -75,6 +78,7 @@ if TYPE_CHECKING:
     from wasidispatch.detect import sniff as sniff
     from wasidispatch.detect import sniff_file as sniff_file
     from wasidispatch.detect import sniff_path as sniff_path
+    from wasidispatch.engines import EngineInfo
     from wasidispatch.engines._api import (
         Capabilities,
         Engine,
@@ -87,6 +91,7 @@ if TYPE_CHECKING:
         Verdict,
         Workload,
     )
+    from wasidispatch.engines.wasmtime import WasmtimeEngine
     from wasidispatch.errors import (
         CacheError,
         CantHandle,

@@ -1,0 +1,4 @@
+/* Executes an `unreachable` instruction. */
+int main(void) {
+    __builtin_trap();
+}

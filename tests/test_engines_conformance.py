@@ -1,0 +1,420 @@
+"""One conformance suite, run against every engine the registry knows.
+
+Each test takes the ``engine`` fixture, parametrized over `wasidispatch.engines.names()`
+(so a newly registered engine joins automatically). A test is skipped only when the engine
+is not installed, or lacks the capability the test needs; in that case the engine must
+refuse such a workload with `CantHandle` (checked by ``test_missing_capability_is_refused``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.guests import build_c, build_wat, guest_bytes
+from wasidispatch import engines
+from wasidispatch.engines import (
+    TRAP_EXIT_CODE,
+    Capabilities,
+    Engine,
+    ExitReason,
+    Limits,
+    Preopen,
+    RunResult,
+    Stdio,
+    Workload,
+)
+from wasidispatch.errors import (
+    CantHandle,
+    CompileError,
+    EngineError,
+    EngineUnavailable,
+    IncompatibleArtifact,
+)
+
+
+@pytest.fixture(params=engines.names())
+def engine(request: pytest.FixtureRequest) -> Engine:
+    try:
+        return engines.get(request.param)
+    except EngineUnavailable as exc:
+        pytest.skip(f"engine {request.param!r} is not available: {exc}")
+
+
+def need(engine: Engine, capability: str) -> None:
+    if not getattr(engine.capabilities, capability):
+        pytest.skip(f"{engine.name} lacks the {capability!r} capability")
+
+
+def run(engine: Engine, wasm: bytes | Path, *args: str, **kw: object) -> RunResult:
+    """Run with stdout and stderr captured and argv[0] = "guest.wasm"."""
+    kw.setdefault("stdout", Stdio.capture())
+    kw.setdefault("stderr", Stdio.capture())
+    workload = Workload(wasm=wasm, argv=("guest.wasm", *args), **kw)  # type: ignore[arg-type]
+    return engine.run(workload)
+
+
+# -- stdout, argv, env, exit codes ----------------------------------------------------------
+
+
+def test_hello_c_on_stdout(engine: Engine) -> None:
+    result = run(engine, build_c("hello"))
+    assert result.ok, result
+    assert result.stdout == b"hello from wasi\n"
+    assert result.stderr == b""
+
+
+def test_hello_wat_on_stdout(engine: Engine) -> None:
+    result = run(engine, guest_bytes("wat", "hello"))
+    assert (result.exit_code, result.reason) == (0, ExitReason.EXITED)
+    assert result.stdout == b"hello from wat\n"
+
+
+def test_argv_passed_exactly_including_non_ascii(engine: Engine) -> None:
+    args = ("plain", "with space", "ünïcödé ✓", "日本語", "", "--flag=1")
+    result = run(engine, build_c("args"), *args)
+    assert result.ok, result
+    lines = result.stdout.decode("utf-8").split("\n") if result.stdout else []
+    assert lines == [str(len(args) + 1), "guest.wasm", *args, ""]
+
+
+def test_env_is_exactly_the_workloads(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WASIDISPATCH_HOST_SECRET", "leaked")
+    env = {"GREETING": "hi there", "UNICODE": "é✓", "EMPTY": ""}
+    listing = run(engine, build_c("env"), env=env)
+    assert listing.ok, listing
+    assert listing.stdout is not None
+    assert sorted(listing.stdout.decode().splitlines()) == sorted(
+        f"{k}={v}" for k, v in env.items()
+    )
+    lookup = run(engine, build_c("env"), "GREETING", "WASIDISPATCH_HOST_SECRET", "PATH", env=env)
+    assert lookup.stdout == b"hi there\n<unset>\n<unset>\n"
+
+
+def test_empty_env_is_empty(engine: Engine) -> None:
+    assert os.environ  # the host has an environment; the guest must not see it
+    result = run(engine, build_c("env"))
+    assert result.ok
+    assert result.stdout == b""
+
+
+@pytest.mark.parametrize("status", [0, 1, 42])
+def test_exit_codes(engine: Engine, status: int) -> None:
+    result = run(engine, build_c("exit"), str(status))
+    assert (result.exit_code, result.reason) == (status, ExitReason.EXITED)
+    assert result.ok is (status == 0)
+
+
+def test_proc_exit_from_wat(engine: Engine) -> None:
+    result = run(engine, guest_bytes("wat", "exit42"))
+    assert (result.exit_code, result.reason) == (42, ExitReason.EXITED)
+
+
+# -- traps ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("guest", [("wat", "unreachable"), ("c", "trap")])
+def test_unreachable_is_a_trap_with_message(engine: Engine, guest: tuple[str, str]) -> None:
+    result = run(engine, guest_bytes(*guest))
+    assert (result.exit_code, result.reason) == (TRAP_EXIT_CODE, ExitReason.TRAPPED)
+    assert result.message
+    assert "unreachable" in result.message.lower()
+    assert not result.ok
+
+
+# -- preopens and cwd -------------------------------------------------------------------------
+
+
+def test_preopen_read_write_and_outside_fails(engine: Engine, tmp_path: Path) -> None:
+    need(engine, "preopens")
+    (tmp_path / "in.txt").write_text("from the host\n")
+    pre = (Preopen(tmp_path, "/data"),)
+    read = run(engine, build_c("files"), "read", "/data/in.txt", preopens=pre)
+    assert read.ok, read
+    assert read.stdout == b"from the host\n"
+    write = run(engine, build_c("files"), "write", "/data/out.txt", "from the guest", preopens=pre)
+    assert write.ok, write
+    assert (tmp_path / "out.txt").read_text() == "from the guest"
+    outside = run(engine, build_c("files"), "read", "/etc/hostname", preopens=pre)
+    assert outside.exit_code == 1
+    assert outside.stderr
+    assert outside.stderr.startswith(b"error:")
+    escape = run(engine, build_c("files"), "read", "/data/../../etc/hostname", preopens=pre)
+    assert escape.exit_code == 1
+
+
+def test_readonly_preopen_refuses_writes(engine: Engine, tmp_path: Path) -> None:
+    need(engine, "readonly_preopens")
+    (tmp_path / "in.txt").write_text("kept\n")
+    pre = (Preopen(tmp_path, "/ro", readonly=True),)
+    write = run(engine, build_c("files"), "write", "/ro/new.txt", "nope", preopens=pre)
+    assert write.exit_code == 1, write
+    assert not (tmp_path / "new.txt").exists()
+    overwrite = run(engine, build_c("files"), "write", "/ro/in.txt", "nope", preopens=pre)
+    assert overwrite.exit_code == 1
+    assert (tmp_path / "in.txt").read_text() == "kept\n"
+    read = run(engine, build_c("files"), "read", "/ro/in.txt", preopens=pre)
+    assert read.ok
+    assert read.stdout == b"kept\n"
+
+
+def test_relative_preopen_name_as_wasi_testsuite_uses(engine: Engine, tmp_path: Path) -> None:
+    need(engine, "preopens")
+    (tmp_path / "a.txt").write_text("A")
+    pre = (Preopen(tmp_path, "fs-tests.dir"),)
+    result = run(engine, build_c("files"), "read", "fs-tests.dir/a.txt", preopens=pre)
+    assert result.ok, result
+    assert result.stdout == b"A"
+
+
+def test_cwd_resolves_relative_paths(engine: Engine, tmp_path: Path) -> None:
+    need(engine, "cwd")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "f.txt").write_text("in sub")
+    pre = (Preopen(tmp_path, "/data"),)
+    result = run(engine, build_c("files"), "read", "f.txt", preopens=pre, cwd="/data/sub")
+    assert result.ok, result
+    assert result.stdout == b"in sub"
+
+
+# -- stdio ------------------------------------------------------------------------------------
+
+
+def test_stdin_bytes_echoed_and_stderr_captured(engine: Engine) -> None:
+    data = "line one\nünïcode\n".encode() * 100
+    result = run(engine, build_c("cat"), stdin=Stdio.from_bytes(data))
+    assert result.ok, result
+    assert result.stdout == data
+    assert result.stderr == f"{len(data)} bytes\n".encode()
+
+
+def test_stdin_null_is_empty(engine: Engine) -> None:
+    result = run(engine, build_c("cat"), stdin=Stdio.null())
+    assert result.ok
+    assert result.stdout == b""
+    assert result.stderr == b"0 bytes\n"
+
+
+def test_stdio_files(engine: Engine, tmp_path: Path) -> None:
+    need(engine, "stdio_file")
+    src, out, err = tmp_path / "in", tmp_path / "out", tmp_path / "err"
+    src.write_bytes(b"file input\n")
+    out.write_bytes(b"old content that must be truncated")
+    result = run(
+        engine,
+        build_c("cat"),
+        stdin=Stdio.file(src),
+        stdout=Stdio.file(out),
+        stderr=Stdio.file(err),
+    )
+    assert result.ok, result
+    assert result.stdout is None
+    assert result.stderr is None
+    assert out.read_bytes() == b"file input\n"
+    assert err.read_bytes() == b"11 bytes\n"
+
+
+def test_null_output_is_discarded(engine: Engine) -> None:
+    result = run(engine, build_c("hello"), stdout=Stdio.null(), stderr=Stdio.null())
+    assert result.ok
+    assert result.stdout is None
+    assert result.stderr is None
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("guest", [("wat", "loop"), ("c", "loop")])
+def test_infinite_loop_stopped_by_timeout(engine: Engine, guest: tuple[str, str]) -> None:
+    need(engine, "timeout")
+    result = run(engine, guest_bytes(*guest), limits=Limits(timeout=0.2))
+    assert (result.exit_code, result.reason) == (TRAP_EXIT_CODE, ExitReason.TIMED_OUT)
+
+
+def test_timeout_does_not_cut_a_short_run(engine: Engine) -> None:
+    need(engine, "timeout")
+    result = run(engine, build_c("hello"), limits=Limits(timeout=30))
+    assert result.ok
+    assert result.stdout == b"hello from wasi\n"
+
+
+@pytest.mark.parametrize("guest", [("wat", "grow_bomb"), ("c", "bomb")])
+def test_memory_bomb_stopped_by_cap(engine: Engine, guest: tuple[str, str]) -> None:
+    need(engine, "memory_limit")
+    result = run(engine, guest_bytes(*guest), limits=Limits(memory_bytes=16 << 20, timeout=60))
+    assert (result.exit_code, result.reason) == (TRAP_EXIT_CODE, ExitReason.OUT_OF_MEMORY), result
+
+
+def test_memory_cap_leaves_small_guests_alone(engine: Engine) -> None:
+    need(engine, "memory_limit")
+    result = run(engine, build_c("hello"), limits=Limits(memory_bytes=16 << 20))
+    assert result.ok, result
+
+
+def test_fuel_runs_out(engine: Engine) -> None:
+    need(engine, "fuel")
+    result = run(engine, guest_bytes("wat", "loop"), limits=Limits(fuel=100_000))
+    assert (result.exit_code, result.reason) == (TRAP_EXIT_CODE, ExitReason.OUT_OF_FUEL)
+    enough = run(engine, build_c("hello"), limits=Limits(fuel=10_000_000))
+    assert enough.ok, enough
+
+
+# -- components -------------------------------------------------------------------------------
+
+
+def test_component_run(engine: Engine) -> None:
+    need(engine, "components")
+    result = run(engine, guest_bytes("wat", "component_hello"))
+    assert result.ok, result
+    assert result.stdout == b"hello from a component\n"
+    failed = run(engine, guest_bytes("wat", "component_fail"))
+    assert (failed.exit_code, failed.reason) == (1, ExitReason.EXITED)
+
+
+def test_component_refused_by_modules_only_engine(engine: Engine) -> None:
+    if engine.capabilities.components:
+        pytest.skip(f"{engine.name} runs components")
+    workload = Workload(wasm=guest_bytes("wat", "component_hello"))
+    assert not engine.can_handle(workload)
+    with pytest.raises(CantHandle, match="component"):
+        engine.run(workload)
+
+
+# -- precompile -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("guest", [("c", "hello"), ("wat", "component_hello")])
+def test_precompiled_bytes_and_path(engine: Engine, tmp_path: Path, guest: tuple[str, str]) -> None:
+    need(engine, "precompile")
+    wasm = guest_bytes(*guest)
+    if guest[1].startswith("component"):
+        need(engine, "components")
+    artifact = engine.precompile(wasm)
+    assert artifact is not None
+    assert artifact != wasm
+    expected = run(engine, wasm).stdout
+    from_bytes = run(engine, wasm, precompiled=artifact)
+    assert from_bytes.ok
+    assert from_bytes.stdout == expected
+    assert from_bytes.timings.compile < 1  # sanity: nothing absurd
+    path = tmp_path / "artifact.bin"
+    path.write_bytes(artifact)
+    from_path = run(engine, wasm, precompiled=path)
+    assert from_path.ok
+    assert from_path.stdout == expected
+
+
+def test_fingerprint_is_stable_hex(engine: Engine) -> None:
+    fp = engine.fingerprint()
+    assert fp == engine.fingerprint()
+    assert fp
+    assert all(c in "0123456789abcdef" for c in fp)
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x7fELF\x02\x01\x01" + b"\0" * 60, b"#!/bin/sh\necho hi\n", b"(module)", b"\0asm"],
+    ids=["empty", "elf", "script", "wat-text", "magic-only"],
+)
+def test_not_wasm_is_a_compile_error(engine: Engine, data: bytes) -> None:
+    with pytest.raises(CompileError):
+        run(engine, data)
+
+
+def test_truncated_wasm_is_a_compile_error(engine: Engine) -> None:
+    wasm = build_c("hello").read_bytes()
+    with pytest.raises(CompileError):
+        run(engine, wasm[: len(wasm) // 2])
+
+
+def test_module_without_start_is_refused(engine: Engine) -> None:
+    with pytest.raises(CantHandle, match="_start"):
+        run(engine, guest_bytes("wat", "no_start"))
+
+
+def test_entry_export_runs_another_function(engine: Engine) -> None:
+    need(engine, "entry_export")
+    result = run(engine, guest_bytes("wat", "no_start"), entry="answer")
+    assert (result.exit_code, result.reason) == (7, ExitReason.EXITED)
+
+
+def test_missing_preopen_dir_is_an_engine_error(engine: Engine, tmp_path: Path) -> None:
+    need(engine, "preopens")
+    with pytest.raises(EngineError, match="does not exist"):
+        run(engine, build_c("hello"), preopens=(Preopen(tmp_path / "missing", "/data"),))
+
+
+def test_foreign_precompiled_artifact_is_incompatible(engine: Engine) -> None:
+    need(engine, "precompile")
+    wasm = build_c("hello").read_bytes()
+    artifact = engine.precompile(wasm)
+    assert artifact is not None
+    tampered = bytearray(artifact)
+    tampered[-10] ^= 0xFF
+    for foreign in (b"definitely not an artifact", wasm, bytes(tampered), artifact[:100]):
+        with pytest.raises(IncompatibleArtifact):
+            run(engine, wasm, precompiled=foreign)
+
+
+@pytest.mark.parametrize("stack", [0, 4 << 20, 1 << 40, -1])
+def test_dangerous_max_wasm_stack_is_refused(engine: Engine, stack: int) -> None:
+    workload = Workload(wasm=build_c("hello"), limits=Limits(max_wasm_stack=stack))
+    assert not engine.can_handle(workload)
+    with pytest.raises(CantHandle):
+        engine.run(workload)
+
+
+def _needs(capability: str) -> Callable[[Path], Workload]:
+    def with_preopen(tmp: Path) -> Workload:
+        return Workload(wasm=build_c("hello"), preopens=(Preopen(tmp, "/d"),))
+
+    makers: dict[str, Callable[[Path], Workload]] = {
+        "preopens": with_preopen,
+        "readonly_preopens": lambda tmp: Workload(
+            wasm=build_c("hello"), preopens=(Preopen(tmp, "/d", readonly=True),)
+        ),
+        "cwd": lambda tmp: Workload(
+            wasm=build_c("hello"), preopens=(Preopen(tmp, "/d"),), cwd="/d"
+        ),
+        "stdio_file": lambda tmp: Workload(wasm=build_c("hello"), stdout=Stdio.file(tmp / "o")),
+        "memory_limit": lambda tmp: Workload(
+            wasm=build_c("hello"), limits=Limits(memory_bytes=1 << 24)
+        ),
+        "timeout": lambda tmp: Workload(wasm=build_c("hello"), limits=Limits(timeout=5)),
+        "fuel": lambda tmp: Workload(wasm=build_c("hello"), limits=Limits(fuel=10**9)),
+        "entry_export": lambda tmp: Workload(wasm=build_wat("no_start"), entry="answer"),
+        "components": lambda tmp: Workload(wasm=build_wat("component_hello")),
+    }
+    return makers[capability]
+
+
+_REFUSABLE = (
+    "preopens",
+    "readonly_preopens",
+    "cwd",
+    "stdio_file",
+    "memory_limit",
+    "timeout",
+    "fuel",
+    "entry_export",
+    "components",
+)
+
+
+@pytest.mark.parametrize("capability", _REFUSABLE)
+def test_missing_capability_is_refused(engine: Engine, tmp_path: Path, capability: str) -> None:
+    assert capability in Capabilities.__dataclass_fields__
+    if getattr(engine.capabilities, capability):
+        pytest.skip(f"{engine.name} has {capability!r}")
+    workload = _needs(capability)(tmp_path)
+    verdict = engine.can_handle(workload)
+    assert not verdict
+    assert verdict.reason
+    with pytest.raises(CantHandle):
+        engine.run(workload)

@@ -1,0 +1,539 @@
+"""The wasmtime engine (wasmtime-py 50.x): WASI preview 1 modules and preview 2 components.
+
+Mostly translation between a `Workload` and wasmtime's `WasiConfig`/`Store`, and between
+wasmtime's exceptions and `RunResult`/wasidispatch errors. How the odd parts are done:
+
+- **Timeout**: epoch interruption. Every configuration compiles with epoch checks; a
+  per-engine ticker thread increments the epoch every `TICK` seconds while at least one run
+  with a timeout is in flight (so concurrent runs do not cut each other short), and stops
+  and is joined when the last one ends. A run's deadline is its timeout in ticks, so it is
+  honoured to within one tick. Runs without a timeout get a deadline that never comes.
+- **Memory cap**: store limits (`Store.set_limits(memory_size=...)`): a `memory.grow`
+  beyond the cap returns -1 to the guest. What the guest does then is its business (wasmtime
+  does not tell the embedder that a grow was refused); when it *traps* while one of its
+  exported memories holds at least three quarters of the cap, the run is classified
+  `OUT_OF_MEMORY` (the message keeps the trap): a heuristic, documented as such. An initial
+  memory above the cap fails instantiation and is `OUT_OF_MEMORY` too.
+- **Fuel** needs fuel-metering code, and a ``max_wasm_stack`` a differently configured
+  wasmtime engine: such workloads run on a second wasmtime engine made on first use, compiled
+  from ``wasm`` (a precompiled artifact is made for the default configuration only).
+- **max_wasm_stack**: wasmtime aborts the whole process for 0 or above its 2 MiB async stack,
+  so `can_handle` refuses those values before wasmtime sees them.
+- **Precompiled artifacts** are wrapped in wasidispatch's envelope (fingerprint + SHA-256);
+  only verified payloads reach `Module.deserialize`.
+- **stdin bytes** go through a temporary file (wasmtime-py exposes no in-memory stdin); it is
+  removed when the run ends. Captured stdout/stderr use wasmtime's custom output callbacks.
+- **cwd**: see `wasidispatch.engines._support.cwd_preopen`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+import wasmtime.component as wtc
+
+from wasidispatch.engines._api import (
+    TRAP_EXIT_CODE,
+    Capabilities,
+    ExitReason,
+    RunResult,
+    Stdio,
+    Timings,
+    Verdict,
+    Workload,
+)
+from wasidispatch.engines._support import (
+    WasmKind,
+    check_preopens,
+    cwd_preopen,
+    open_envelope,
+    seal_envelope,
+    wasm_kind,
+)
+from wasidispatch.errors import CantHandle, CompileError, EngineError, IncompatibleArtifact
+
+__all__ = ["MAX_WASM_STACK", "TICK", "WasmtimeEngine"]
+
+#: Largest ``Limits.max_wasm_stack`` accepted: wasmtime aborts the process above its async
+#: stack size (2 MiB by default) instead of raising.
+MAX_WASM_STACK = 2 * 1024 * 1024
+
+#: Epoch tick, in seconds: the resolution of ``Limits.timeout``.
+TICK = 0.005
+
+_NEVER = 1 << 62  # epoch deadline for runs without a timeout
+_PAGE = 65536
+_COMMAND_RUN = "wasi:cli/run@0.2"
+
+_CAPABILITIES = Capabilities(
+    modules=True,
+    components=True,
+    precompile=True,
+    preopens=True,
+    readonly_preopens=True,
+    cwd=True,
+    stdio_file=True,
+    memory_limit=True,
+    timeout=True,
+    fuel=True,
+    entry_export=True,
+    fast_instantiate=False,
+)
+
+
+def _cpu_flags() -> str:
+    # Wasmtime compiles for the host's CPU features; artifacts must not move between CPUs
+    # with different features, so they are part of the fingerprint.
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return hashlib.sha256(line.split(":", 1)[1].strip().encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class _Profile:
+    """The compile-relevant part of a wasmtime configuration."""
+
+    fuel: bool = False
+    max_wasm_stack: int | None = None
+
+
+class _EpochTicker:
+    """Increments one wasmtime engine's epoch while someone needs it; joins its thread after."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._users = 0
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def _loop(self, stop: threading.Event) -> None:
+        while not stop.wait(TICK):
+            self._engine.increment_epoch()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        with self._lock:
+            self._users += 1
+            if self._thread is None:
+                self._stop = threading.Event()
+                self._thread = threading.Thread(
+                    target=self._loop, args=(self._stop,), name="wasidispatch-epoch", daemon=True
+                )
+                self._thread.start()
+        try:
+            yield
+        finally:
+            thread: threading.Thread | None = None
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._stop is not None:
+                    self._stop.set()
+                    thread, self._thread, self._stop = self._thread, None, None
+            if thread is not None:
+                thread.join()
+
+
+class _Runtime:
+    """One wasmtime engine with its linkers and ticker."""
+
+    def __init__(self, config: wasmtime.Config) -> None:
+        self.engine = wasmtime.Engine(config)
+        self.linker = wasmtime.Linker(self.engine)
+        self.linker.define_wasi()
+        self.ticker = _EpochTicker(self.engine)
+        self._component_linker: wtc.Linker | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def component_linker(self) -> wtc.Linker:
+        with self._lock:
+            if self._component_linker is None:
+                linker = wtc.Linker(self.engine)
+                linker.add_wasip2()
+                self._component_linker = linker
+            return self._component_linker
+
+
+class WasmtimeEngine:
+    """Runs WASI preview 1 modules and preview 2 components on wasmtime-py.
+
+    ``opt_level`` is Cranelift's (``"none"``, ``"speed"``, ``"speed_and_size"``); it is part
+    of the `fingerprint`.
+
+    Example::
+
+        >>> from wasidispatch.engines.wasmtime import WasmtimeEngine
+        >>> WasmtimeEngine().capabilities.components
+        True
+    """
+
+    def __init__(self, *, opt_level: str = "speed") -> None:
+        if opt_level not in ("none", "speed", "speed_and_size"):
+            raise EngineError(f"unknown Cranelift opt_level {opt_level!r}")
+        self._opt_level = opt_level
+        self._runtimes: dict[_Profile, _Runtime] = {}
+        self._lock = threading.Lock()
+        self._fingerprint: str | None = None
+
+    # -- the Engine protocol -------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """``"wasmtime"``."""
+        return "wasmtime"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Everything: modules, components, precompile, limits, fuel, timeout."""
+        return _CAPABILITIES
+
+    def version(self) -> str:
+        """The installed wasmtime-py version."""
+        from importlib.metadata import version
+
+        return version("wasmtime")
+
+    def fingerprint(self) -> str:
+        """SHA-256 over engine name and version, the compile-relevant configuration and the
+        target (machine and CPU features): the key of precompiled artifacts."""
+        if self._fingerprint is None:
+            doc = {
+                "engine": self.name,
+                "version": self.version(),
+                "config": {"opt_level": self._opt_level, "epoch": True, "fuel": False},
+                "target": {"machine": platform.machine(), "cpu": _cpu_flags()},
+            }
+            blob = json.dumps(doc, sort_keys=True).encode()
+            self._fingerprint = hashlib.sha256(blob).hexdigest()
+        return self._fingerprint
+
+    def can_handle(self, workload: Workload) -> Verdict:
+        """Refuses only settings that could abort the interpreter or are meaningless."""
+        lim = workload.limits
+        if lim.max_wasm_stack is not None and not 0 < lim.max_wasm_stack <= MAX_WASM_STACK:
+            return Verdict.no(
+                f"max_wasm_stack must be between 1 and {MAX_WASM_STACK} bytes "
+                f"(wasmtime aborts the process otherwise), got {lim.max_wasm_stack}"
+            )
+        for field in ("memory_bytes", "fuel"):
+            value = getattr(lim, field)
+            if value is not None and value < 0:
+                return Verdict.no(f"limits.{field} must not be negative, got {value}")
+        if lim.timeout is not None and not (lim.timeout > 0 and math.isfinite(lim.timeout)):
+            return Verdict.no(f"limits.timeout must be a positive number, got {lim.timeout}")
+        if workload.stdin.kind == "capture":
+            return Verdict.no("stdin cannot be captured; use Stdio.from_bytes or a file")
+        for stream, stdio in (("stdout", workload.stdout), ("stderr", workload.stderr)):
+            if stdio.kind == "bytes":
+                return Verdict.no(f"{stream} cannot be fed bytes; use capture or a file")
+        return Verdict.yes()
+
+    def precompile(self, wasm: bytes) -> bytes:
+        """Compile ``wasm`` (module or component) for this engine's default configuration,
+        wrapped in a verified envelope for `Workload.precompiled`."""
+        kind = wasm_kind(wasm)
+        runtime = self._runtime(_Profile())
+        compiled = self._compile(runtime, kind, wasm)
+        return seal_envelope(self.fingerprint(), kind, bytes(compiled.serialize()))
+
+    def run(self, workload: Workload) -> RunResult:
+        """Run ``workload`` to completion; see the module docstring for the details."""
+        verdict = self.can_handle(workload)
+        if not verdict:
+            raise CantHandle(verdict.reason)
+        check_preopens(workload.preopens)
+        cwd = cwd_preopen(workload)
+        profile = _Profile(
+            fuel=workload.limits.fuel is not None, max_wasm_stack=workload.limits.max_wasm_stack
+        )
+        runtime = self._runtime(profile)
+
+        t0 = time.perf_counter()
+        kind, compiled = self._load(runtime, profile, workload)
+        t_compile = time.perf_counter() - t0
+
+        with contextlib.ExitStack() as stack:
+            wasi, captured = self._wasi_config(workload, cwd, stack)
+            store = wasmtime.Store(runtime.engine)
+            store.set_wasi(wasi)
+            lim = workload.limits
+            if lim.memory_bytes is not None:
+                store.set_limits(memory_size=lim.memory_bytes)
+            if lim.fuel is not None:
+                store.set_fuel(lim.fuel)
+            if lim.timeout is not None:
+                store.set_epoch_deadline(max(1, math.ceil(lim.timeout / TICK)) + 1)
+                stack.enter_context(runtime.ticker.running())
+            else:
+                store.set_epoch_deadline(_NEVER)
+            if kind == "module":
+                assert isinstance(compiled, wasmtime.Module)
+                result = self._run_module(runtime, store, compiled, workload)
+            else:
+                assert isinstance(compiled, wtc.Component)
+                result = self._run_component(runtime, store, compiled, workload)
+        exit_code, reason, message, t_inst, t_run = result
+        return RunResult(
+            exit_code=exit_code,
+            reason=reason,
+            message=message,
+            stdout=bytes(captured["stdout"]) if "stdout" in captured else None,
+            stderr=bytes(captured["stderr"]) if "stderr" in captured else None,
+            timings=Timings(compile=t_compile, instantiate=t_inst, run=t_run),
+        )
+
+    # -- compiling and loading -----------------------------------------------------------
+
+    def _runtime(self, profile: _Profile) -> _Runtime:
+        with self._lock:
+            runtime = self._runtimes.get(profile)
+            if runtime is None:
+                config = wasmtime.Config()
+                config.epoch_interruption = True
+                config.consume_fuel = profile.fuel
+                config.cranelift_opt_level = self._opt_level
+                config.wasm_component_model = True
+                if profile.max_wasm_stack is not None:
+                    # Range-checked in can_handle: wasmtime aborts the process on a bad value.
+                    config.max_wasm_stack = profile.max_wasm_stack
+                runtime = self._runtimes[profile] = _Runtime(config)
+            return runtime
+
+    @staticmethod
+    def _compile(runtime: _Runtime, kind: WasmKind, wasm: bytes) -> wasmtime.Module | wtc.Component:
+        try:
+            if kind == "module":
+                return wasmtime.Module(runtime.engine, wasm)
+            return wtc.Component(runtime.engine, wasm)
+        except wasmtime.WasmtimeError as exc:
+            raise CompileError(f"invalid WebAssembly {kind}: {_first_line(exc)}") from exc
+
+    def _load(
+        self, runtime: _Runtime, profile: _Profile, workload: Workload
+    ) -> tuple[WasmKind, wasmtime.Module | wtc.Component]:
+        if workload.precompiled is not None and profile == _Profile():
+            data = workload.precompiled
+            if isinstance(data, Path):
+                try:
+                    data = data.read_bytes()
+                except OSError as exc:
+                    raise IncompatibleArtifact(f"cannot read precompiled artifact: {exc}") from exc
+            artifact = open_envelope(data, self.fingerprint())
+            try:
+                if artifact.kind == "module":
+                    return "module", wasmtime.Module.deserialize(runtime.engine, artifact.payload)
+                return "component", wtc.Component.deserialize(runtime.engine, artifact.payload)
+            except wasmtime.WasmtimeError as exc:
+                raise IncompatibleArtifact(
+                    f"wasmtime refused the precompiled artifact: {_first_line(exc)}"
+                ) from exc
+        try:
+            wasm = workload.wasm_bytes()
+        except OSError as exc:
+            raise CompileError(f"cannot read the Wasm binary: {exc}") from exc
+        kind = wasm_kind(wasm)
+        return kind, self._compile(runtime, kind, wasm)
+
+    # -- WASI context ----------------------------------------------------------------------
+
+    @staticmethod
+    def _wasi_config(
+        workload: Workload, cwd: Any, stack: contextlib.ExitStack
+    ) -> tuple[wasmtime.WasiConfig, dict[str, bytearray]]:
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = list(workload.argv)
+        wasi.env = [(k, v) for k, v in workload.env.items()]
+        for pre in (cwd, *workload.preopens) if cwd is not None else workload.preopens:
+            try:
+                wasi.preopen_dir(str(pre.host), pre.guest, not pre.readonly)
+            except wasmtime.WasmtimeError as exc:
+                raise EngineError(f"cannot preopen {pre.host} as {pre.guest}: {exc}") from exc
+
+        stdin = workload.stdin
+        try:
+            if stdin.kind == "inherit":
+                wasi.inherit_stdin()
+            elif stdin.kind == "file":
+                assert stdin.path is not None
+                if not stdin.path.is_file():
+                    raise EngineError(f"stdin file does not exist: {stdin.path}")
+                wasi.stdin_file = stdin.path
+            elif stdin.kind == "bytes":
+                path = stack.enter_context(_temp_file(stdin.data or b""))
+                wasi.stdin_file = path
+        except wasmtime.WasmtimeError as exc:
+            raise EngineError(f"cannot set up stdin: {exc}") from exc
+
+        captured: dict[str, bytearray] = {}
+        for stream in ("stdout", "stderr"):
+            stdio: Stdio = getattr(workload, stream)
+            try:
+                if stdio.kind == "inherit":
+                    getattr(wasi, f"inherit_{stream}")()
+                elif stdio.kind == "file":
+                    assert stdio.path is not None
+                    setattr(wasi, f"{stream}_file", str(stdio.path))
+                elif stdio.kind == "capture":
+                    buf = captured[stream] = bytearray()
+                    setattr(wasi, f"{stream}_custom", buf.extend)
+            except wasmtime.WasmtimeError as exc:
+                raise EngineError(f"cannot open {stream} file {stdio.path}: {exc}") from exc
+        return wasi, captured
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _run_module(
+        self, runtime: _Runtime, store: wasmtime.Store, module: wasmtime.Module, workload: Workload
+    ) -> tuple[int, ExitReason, str | None, float, float]:
+        entry = workload.entry or "_start"
+        export = next((e for e in module.exports if e.name == entry), None)
+        if export is None or not isinstance(export.type, wasmtime.FuncType):
+            raise CantHandle(
+                f"module has no function export {entry!r}"
+                + (
+                    " (a library/reactor module? name one with Workload.entry)"
+                    if not workload.entry
+                    else ""
+                )
+            )
+        if export.type.params:
+            raise CantHandle(f"export {entry!r} takes parameters; only () -> ... can be run")
+        t0 = time.perf_counter()
+        try:
+            instance = runtime.linker.instantiate(store, module)
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            t_inst = time.perf_counter() - t0
+            outcome = self._instantiate_failure(exc, workload)
+            return (*outcome, t_inst, 0.0)
+        t1 = time.perf_counter()
+        func = instance.exports(store)[entry]
+        assert isinstance(func, wasmtime.Func)
+        try:
+            func(store)
+            outcome = (0, ExitReason.EXITED, None)
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            outcome = self._classify(exc, workload, lambda: _memory_sizes(instance, store))
+        t2 = time.perf_counter()
+        return (*outcome, t1 - t0, t2 - t1)
+
+    def _run_component(
+        self,
+        runtime: _Runtime,
+        store: wasmtime.Store,
+        component: wtc.Component,
+        workload: Workload,
+    ) -> tuple[int, ExitReason, str | None, float, float]:
+        if workload.entry is not None:
+            raise CantHandle("components are run through wasi:cli/run; Workload.entry must be None")
+        run_name = next(
+            (n for n in component.type.exports(runtime.engine) if n.startswith(_COMMAND_RUN)), None
+        )
+        if run_name is None:
+            raise CantHandle("component does not export wasi:cli/run@0.2.x (not a command)")
+        t0 = time.perf_counter()
+        try:
+            instance = runtime.component_linker.instantiate(store, component)
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            t_inst = time.perf_counter() - t0
+            outcome = self._instantiate_failure(exc, workload)
+            return (*outcome, t_inst, 0.0)
+        t1 = time.perf_counter()
+        iface = instance.get_export_index(store, run_name)
+        index = instance.get_export_index(store, "run", iface) if iface is not None else None
+        func = instance.get_func(store, index) if index is not None else None
+        if func is None:
+            raise CantHandle(f"component's {run_name} has no function 'run'")
+        try:
+            value = func(store)
+            failed = getattr(value, "tag", "ok") == "err"
+            outcome = (
+                (1, ExitReason.EXITED, "wasi:cli/run returned an error")
+                if failed
+                else (
+                    0,
+                    ExitReason.EXITED,
+                    None,
+                )
+            )
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            outcome = self._classify(exc, workload, lambda: [])
+        t2 = time.perf_counter()
+        return (*outcome, t1 - t0, t2 - t1)
+
+    @staticmethod
+    def _instantiate_failure(
+        exc: Exception, workload: Workload
+    ) -> tuple[int, ExitReason, str | None]:
+        if isinstance(exc, wasmtime.Trap | wasmtime.ExitTrap):
+            return WasmtimeEngine._classify(exc, workload, lambda: [])
+        text = str(exc)
+        if workload.limits.memory_bytes is not None and "memory" in text and "limit" in text:
+            return TRAP_EXIT_CODE, ExitReason.OUT_OF_MEMORY, _first_line(exc)
+        if "unknown import" in text or "import" in _first_line(exc):
+            raise CantHandle(f"cannot link the guest: {_first_line(exc)}") from exc
+        raise EngineError(f"cannot instantiate the guest: {_first_line(exc)}") from exc
+
+    @staticmethod
+    def _classify(
+        exc: Exception, workload: Workload, memory_sizes: Any
+    ) -> tuple[int, ExitReason, str | None]:
+        if isinstance(exc, wasmtime.ExitTrap):
+            return exc.code, ExitReason.EXITED, None
+        message = str(exc).strip()
+        code = exc.trap_code if isinstance(exc, wasmtime.Trap) else None
+        if code is wasmtime.TrapCode.INTERRUPT:
+            return (
+                TRAP_EXIT_CODE,
+                ExitReason.TIMED_OUT,
+                f"timed out after {workload.limits.timeout}s",
+            )
+        if code is wasmtime.TrapCode.OUT_OF_FUEL:
+            return TRAP_EXIT_CODE, ExitReason.OUT_OF_FUEL, message
+        cap = workload.limits.memory_bytes
+        if cap is not None and any(size >= cap - max(cap // 4, _PAGE) for size in memory_sizes()):
+            return (
+                TRAP_EXIT_CODE,
+                ExitReason.OUT_OF_MEMORY,
+                f"memory cap of {cap} bytes reached; {message}",
+            )
+        return TRAP_EXIT_CODE, ExitReason.TRAPPED, message
+
+
+def _memory_sizes(instance: wasmtime.Instance, store: wasmtime.Store) -> list[int]:
+    exports = instance.exports(store).by_index
+    return [m.data_len(store) for m in exports if isinstance(m, wasmtime.Memory)]
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _temp_file(data: bytes) -> Iterator[str]:
+    fd, path = tempfile.mkstemp(prefix="wasidispatch-stdin-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
