@@ -1,0 +1,267 @@
+"""Precompile cache: cold compile vs cache hit, and what the cache adds over wasmtime's own load.
+
+Run: ``.venv/bin/python -m pytest benchmarks/bench_cache.py --benchmark-only``. One group per
+input, every contender in the same run:
+
+* ``small``: a WASI hello module from WAT (~150 B);
+* ``1mb``: a generated module of 1,400 functions (~1.3 MB of Wasm);
+* ``18mb``: a Python component (~18 MB) built here by ``componentize-py`` from a 4-line app
+  (skipped with a reason when ``componentize-py`` is not installed).
+
+Contenders:
+
+* ``compile``: ``wasmtime.Module(engine, wasm)`` (``Component`` for the component), the cold
+  start the cache removes;
+* ``deserialize_file``: wasmtime's own file-mapped load of the serialized artifact;
+* ``hit+deserialize_file``: ``cache.artifact(engine, path, digest=...)`` then the same load of
+  the path it returns: target <= 50 us over ``deserialize_file``, and >= 50x faster than
+  ``compile`` for ``1mb``;
+* ``hit``: the cache lookup alone (digest known, as for an OCI layer);
+* ``hit, hash wasm``: the lookup when the caller does not know the digest (hashes the Wasm);
+* ``hit, new instance``: a fresh `PrecompileCache` each time (constructor with its directory
+  checks included), so the artifact's sha256 is checked in full: the first hit of a process.
+
+The engine here is a protocol-conforming wrapper of one ``wasmtime.Engine`` whose artifacts are
+wasmtime's raw ``serialize()`` output, so that the path the cache hands out can go straight to
+``deserialize_file`` (`WasmtimeEngine` wraps its artifacts in an envelope it verifies itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import wasmtime
+import wasmtime.component as wtc
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from wasidispatch.cache import PrecompileCache
+from wasidispatch.engines import Capabilities
+
+HELLO_WAT = """
+(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello\\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 6))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"""
+
+PY_APP = """\
+import wit_world
+
+
+class WitWorld(wit_world.WitWorld):
+    def answer(self) -> int:
+        return 42
+"""
+
+PY_WIT = """\
+package local:bench;
+
+world bench {
+  export answer: func() -> u32;
+}
+"""
+
+
+def big_module_wat(functions: int = 1400, steps: int = 40) -> str:
+    """A module of ``functions`` exported functions, each a chain of integer arithmetic."""
+    out = ["(module"]
+    for i in range(functions):
+        body = " ".join(
+            f"(local.set $a (i32.add (i32.mul (local.get $a) (i32.const {(i * 31 + j) % 997 + 3}))"
+            f" (i32.xor (local.get $b) (i32.const {i + j}))))"
+            " (local.set $b (i32.rotl (local.get $b) (local.get $a)))"
+            for j in range(steps)
+        )
+        out.append(
+            f'(func (export "f{i}") (param $a i32) (param $b i32) (result i32) {body}'
+            " (i32.add (local.get $a) (local.get $b)))"
+        )
+    out.append(")")
+    return "\n".join(out)
+
+
+class NativeWasmtime:
+    """The cache's view of an engine, over one ``wasmtime.Engine``; raw serialized artifacts."""
+
+    def __init__(self) -> None:
+        from importlib.metadata import version
+
+        self.engine = wasmtime.Engine()
+        # computed once: the cache asks for it on every lookup
+        self._fingerprint = f"wasmtime {version('wasmtime')} default-config"
+
+    @property
+    def name(self) -> str:
+        return "wasmtime-native"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(components=True, precompile=True)
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def compile(self, wasm: bytes) -> wasmtime.Module | wtc.Component:
+        if wasm[4:8] == b"\x0d\x00\x01\x00":
+            return wtc.Component(self.engine, wasm)
+        return wasmtime.Module(self.engine, wasm)
+
+    def precompile(self, wasm: bytes) -> bytes:
+        return bytes(self.compile(wasm).serialize())
+
+    def load(self, path: Path, component: bool) -> object:
+        if component:
+            return wtc.Component.deserialize_file(self.engine, str(path))
+        return wasmtime.Module.deserialize_file(self.engine, str(path))
+
+
+class Input:
+    def __init__(self, path: Path, cache_dir: Path, native: NativeWasmtime) -> None:
+        self.path = path
+        self.wasm = path.read_bytes()
+        self.digest = "sha256:" + hashlib.sha256(self.wasm).hexdigest()
+        self.component = self.wasm[4:8] == b"\x0d\x00\x01\x00"
+        self.cache_dir = cache_dir
+        self.cache = PrecompileCache(cache_dir)
+        art = self.cache.artifact(native, path, digest=self.digest)
+        assert art is not None
+        self.artifact = art
+        # wasmtime's own load reads a copy outside the cache, the baseline
+        self.raw = cache_dir.parent / f"{path.stem}.cwasm"
+        shutil.copyfile(art.path, self.raw)
+
+
+@pytest.fixture(scope="module")
+def native() -> NativeWasmtime:
+    return NativeWasmtime()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory, native: NativeWasmtime) -> dict[str, Input]:
+    root = tmp_path_factory.mktemp("bench-cache")
+    made: dict[str, Input] = {}
+    small = root / "small.wasm"
+    small.write_bytes(wasmtime.wat2wasm(HELLO_WAT))
+    big = root / "big.wasm"
+    big.write_bytes(wasmtime.wat2wasm(big_module_wat()))
+    assert big.stat().st_size >= 1 << 20
+    for name, path in (("small", small), ("1mb", big)):
+        made[name] = Input(path, root / f"cache-{name}", native)
+    tool = shutil.which("componentize-py") or str(Path(sys.executable).with_name("componentize-py"))
+    if Path(tool).exists():
+        app = root / "pyapp"
+        (app / "wit").mkdir(parents=True)
+        (app / "wit" / "bench.wit").write_text(PY_WIT)
+        (app / "app.py").write_text(PY_APP)
+        out = root / "pycomponent.wasm"
+        subprocess.run(
+            [tool, "-q", "-d", "wit", "-w", "bench", "componentize", "app", "-o", str(out)],
+            cwd=app,
+            check=True,
+        )
+        made["18mb"] = Input(out, root / "cache-18mb", native)
+    return made
+
+
+SIZES = ["small", "1mb", "18mb"]
+
+
+def _input(inputs: dict[str, Input], size: str) -> Input:
+    if size not in inputs:
+        pytest.skip("componentize-py is not installed (pip install componentize-py)")
+    return inputs[size]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_compile(
+    benchmark: BenchmarkFixture, inputs: dict[str, Input], native: NativeWasmtime, size: str
+) -> None:
+    item = _input(inputs, size)
+    benchmark.group = f"cache {size}"
+    benchmark.name = "compile"
+    if size == "small":
+        benchmark(native.compile, item.wasm)
+    else:
+        benchmark.pedantic(  # type: ignore[no-untyped-call]
+            native.compile, args=(item.wasm,), rounds=3, iterations=1
+        )
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_deserialize_file(
+    benchmark: BenchmarkFixture, inputs: dict[str, Input], native: NativeWasmtime, size: str
+) -> None:
+    item = _input(inputs, size)
+    benchmark.group = f"cache {size}"
+    benchmark.name = "deserialize_file"
+    benchmark(native.load, item.raw, item.component)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_hit_and_deserialize_file(
+    benchmark: BenchmarkFixture, inputs: dict[str, Input], native: NativeWasmtime, size: str
+) -> None:
+    item = _input(inputs, size)
+    benchmark.group = f"cache {size}"
+    benchmark.name = "hit+deserialize_file"
+
+    def load() -> object:
+        art = item.cache.artifact(native, item.path, digest=item.digest)
+        assert art is not None
+        return native.load(art.path, item.component)
+
+    benchmark(load)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_hit(
+    benchmark: BenchmarkFixture, inputs: dict[str, Input], native: NativeWasmtime, size: str
+) -> None:
+    item = _input(inputs, size)
+    benchmark.group = f"cache {size}"
+    benchmark.name = "hit"
+    art = benchmark(item.cache.artifact, native, item.path, digest=item.digest)
+    assert art is not None
+    assert art.hit
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_hit_hashing_the_wasm(
+    benchmark: BenchmarkFixture, inputs: dict[str, Input], native: NativeWasmtime, size: str
+) -> None:
+    item = _input(inputs, size)
+    benchmark.group = f"cache {size}"
+    benchmark.name = "hit, hash wasm"
+    art = benchmark(item.cache.artifact, native, item.wasm)
+    assert art is not None
+    assert art.hit
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_hit_in_a_new_instance(
+    benchmark: BenchmarkFixture, inputs: dict[str, Input], native: NativeWasmtime, size: str
+) -> None:
+    item = _input(inputs, size)
+    benchmark.group = f"cache {size}"
+    benchmark.name = "hit, new instance"
+
+    keep: list[PrecompileCache] = []  # freed after the run: their counter flush is not timed
+
+    def first_hit() -> bool:
+        cache = PrecompileCache(item.cache_dir)
+        keep.append(cache)
+        art = cache.artifact(native, item.path, digest=item.digest)
+        assert art is not None
+        return art.hit
+
+    assert benchmark(first_hit)

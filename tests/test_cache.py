@@ -1,0 +1,765 @@
+"""The precompile cache, against the real wasmtime engine (a fake only for protocol edges)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import wasmtime
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wasidispatch.cache import (
+    CachedArtifact,
+    PrecompileCache,
+    _normalize_digest,
+    cache_key,
+    default_cache_dir,
+)
+from wasidispatch.engines import Capabilities, Stdio, Workload
+from wasidispatch.engines.wasmtime import WasmtimeEngine
+from wasidispatch.errors import CacheError, CompileError, IncompatibleArtifact, SpecError
+
+REPO = Path(__file__).resolve().parent.parent
+
+HELLO_WAT = """
+(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello from the cache\\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 21))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"""
+
+
+def _module(n: int) -> bytes:
+    """A distinct valid module per ``n`` (an exported constant)."""
+    return bytes(wasmtime.wat2wasm(f'(module (func (export "f") (result i32) i32.const {n}))'))
+
+
+@pytest.fixture(scope="module")
+def hello() -> bytes:
+    return bytes(wasmtime.wat2wasm(HELLO_WAT))
+
+
+@pytest.fixture(scope="module")
+def engine() -> WasmtimeEngine:
+    return WasmtimeEngine()
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def cache(cache_dir: Path) -> PrecompileCache:
+    return PrecompileCache(cache_dir)
+
+
+def _entries_dir(cache: PrecompileCache) -> Path:
+    return cache.directory / "v1" / "entries"
+
+
+def _run(engine: WasmtimeEngine, wasm: bytes, art: CachedArtifact) -> bytes:
+    """Run the artifact; ``wasm`` is replaced by non-Wasm bytes, so only the artifact can run."""
+    assert wasm[:4] == b"\0asm"
+    workload = Workload(
+        wasm=b"not wasm: must not be compiled",
+        argv=("hello",),
+        stdout=Stdio.capture(),
+        stderr=Stdio.null(),
+    )
+    result = engine.run(art.apply(workload))
+    assert result.ok, result
+    assert result.stdout is not None
+    return result.stdout
+
+
+class Fake:
+    """A protocol-conforming engine whose artifacts are predictable bytes (protocol tests only).
+
+    ``precompile`` returns ``size`` bytes derived from the module and the fingerprint, and
+    counts its calls.
+    """
+
+    def __init__(self, fingerprint: str = "fake 1", *, size: int = 1000, can: bool = True) -> None:
+        self._fingerprint = fingerprint
+        self.size = size
+        self.compiles = 0
+        self._can = can
+
+    @property
+    def name(self) -> str:
+        return "fake"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(precompile=self._can)
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def precompile(self, wasm: bytes) -> bytes | None:
+        self.compiles += 1
+        seed = hashlib.sha256(self._fingerprint.encode() + wasm).digest()
+        return (seed * (self.size // len(seed) + 1))[: self.size]
+
+
+# -- hit, miss, keys ----------------------------------------------------------------------------
+
+
+def test_miss_then_hit_runs_the_cached_artifact(
+    cache: PrecompileCache, engine: WasmtimeEngine, hello: bytes
+) -> None:
+    first = cache.artifact(engine, hello)
+    second = cache.artifact(engine, hello)
+    assert first is not None
+    assert second is not None
+    assert (first.hit, second.hit) == (False, True)
+    assert first.path == second.path
+    assert first.sha256 == second.sha256
+    assert first.module_digest == "sha256:" + hashlib.sha256(hello).hexdigest()
+    assert hashlib.sha256(second.path.read_bytes()).hexdigest() == second.sha256
+    assert _run(engine, hello, second) == b"hello from the cache\n"
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.entries, stats.bytes) == (1, 1, 1, first.size)
+
+
+def test_hit_from_another_instance_hashes_the_file(
+    cache_dir: Path, engine: WasmtimeEngine, hello: bytes
+) -> None:
+    made = PrecompileCache(cache_dir).artifact(engine, hello)
+    other = PrecompileCache(cache_dir)
+    got = other.artifact(engine, hello)
+    assert made is not None
+    assert got is not None
+    assert got.hit
+    assert other.session_stats().hits == 1
+    assert other.session_stats().misses == 0
+    assert _run(engine, hello, got) == b"hello from the cache\n"
+
+
+def test_with_precompiled_sets_the_path(
+    cache: PrecompileCache, engine: WasmtimeEngine, hello: bytes, tmp_path: Path
+) -> None:
+    path = tmp_path / "hello.wasm"
+    path.write_bytes(hello)
+    workload = Workload(wasm=path, stdout=Stdio.capture())
+    prepared = cache.with_precompiled(engine, workload)
+    assert isinstance(prepared.precompiled, Path)
+    assert prepared.precompiled.parent == _entries_dir(cache)
+    assert engine.run(prepared).stdout == b"hello from the cache\n"
+    # a workload that already has an artifact is left alone
+    assert cache.with_precompiled(engine, prepared) is prepared
+
+
+def test_known_digest_skips_hashing_and_is_checked_on_a_miss(
+    cache: PrecompileCache, engine: WasmtimeEngine, hello: bytes, tmp_path: Path
+) -> None:
+    digest = "sha256:" + hashlib.sha256(hello).hexdigest()
+    with pytest.raises(SpecError, match="do not match"):
+        cache.artifact(engine, _module(1), digest=digest)
+    assert cache.entries() == []
+    path = tmp_path / "m.wasm"
+    path.write_bytes(hello)
+    made = cache.artifact(engine, path, digest=digest)
+    assert made is not None
+    assert not made.hit
+    # the same digest, bare hex, from bytes: the same entry
+    again = cache.artifact(engine, hello, digest=digest.removeprefix("sha256:"))
+    assert again is not None
+    assert again.hit
+    assert again.key == made.key
+    # a hit with a known digest does not read the module at all
+    path.unlink()
+    assert (hit := cache.artifact(engine, path, digest=digest)) is not None
+    assert hit.hit
+
+
+@pytest.mark.parametrize(
+    "digest",
+    ["", "sha256:", "sha256:abc", "md5:" + "0" * 32, "SHA256:" + "0" * 64, "sha256:" + "G" * 64],
+)
+def test_malformed_digest_is_a_spec_error(
+    cache: PrecompileCache, engine: WasmtimeEngine, hello: bytes, digest: str
+) -> None:
+    with pytest.raises(SpecError):
+        cache.artifact(engine, hello, digest=digest)
+
+
+@given(st.text(max_size=140))
+def test_digest_parser_is_total(text: str) -> None:
+    try:
+        alg, encoded = _normalize_digest(text)
+    except SpecError:
+        return
+    assert alg in ("sha256", "sha512")
+    assert len(encoded) in (64, 128)
+
+
+def test_configuration_change_is_a_miss_never_a_wrong_artifact(
+    cache: PrecompileCache, hello: bytes
+) -> None:
+    fast, plain = WasmtimeEngine(), WasmtimeEngine(opt_level="none")
+    assert fast.fingerprint() != plain.fingerprint()
+    a = cache.artifact(fast, hello)
+    b = cache.artifact(plain, hello)
+    assert a is not None
+    assert b is not None
+    assert not a.hit
+    assert not b.hit
+    assert a.key != b.key
+    assert len(cache.entries()) == 2
+    assert _run(fast, hello, a) == _run(plain, hello, b) == b"hello from the cache\n"
+    with pytest.raises(IncompatibleArtifact):  # what the key keeps from happening
+        _run(plain, hello, a)
+
+
+def test_engine_version_change_is_a_miss(cache: PrecompileCache, hello: bytes) -> None:
+    old, new = Fake("fake 1.0 x86_64"), Fake("fake 1.1 x86_64")
+    a, b = cache.artifact(old, hello), cache.artifact(new, hello)
+    assert a is not None
+    assert b is not None
+    assert not b.hit
+    assert (old.compiles, new.compiles) == (1, 1)
+    assert a.key == cache_key("fake", "fake 1.0 x86_64", a.module_digest) != b.key
+    c = cache.artifact(old, hello)
+    assert c is not None
+    assert c.hit
+    assert old.compiles == 1
+
+
+def test_engine_without_precompile_is_left_alone(cache: PrecompileCache, hello: bytes) -> None:
+    cannot = Fake(can=False)
+    assert cache.artifact(cannot, hello) is None
+    assert cannot.compiles == 0
+
+    class Declines(Fake):
+        def precompile(self, wasm: bytes) -> bytes | None:
+            self.compiles += 1
+            return None
+
+    declines = Declines()
+    assert cache.artifact(declines, hello) is None
+    assert cache.artifact(declines, hello) is None
+    assert declines.compiles == 1  # remembered for this fingerprint
+    workload = Workload(wasm=hello)
+    assert cache.with_precompiled(declines, workload) is workload
+    assert cache.entries() == []
+
+
+def test_invalid_wasm_stores_nothing(cache: PrecompileCache, engine: WasmtimeEngine) -> None:
+    with pytest.raises(CompileError):
+        cache.artifact(engine, b"\0asm\x01\0\0\0\xff\xff")
+    assert cache.entries() == []
+    assert not [p for p in _entries_dir(cache).iterdir() if p.suffix != ".lock"]
+    assert cache.stats().misses == 0
+
+
+def test_unreadable_module_path_is_a_cache_error(
+    cache: PrecompileCache, engine: WasmtimeEngine, tmp_path: Path
+) -> None:
+    with pytest.raises(CacheError, match="cannot read Wasm module"):
+        cache.artifact(engine, tmp_path / "missing.wasm")
+
+
+# -- corruption ---------------------------------------------------------------------------------
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [(_flip_byte, "sha256 is"), (_truncate, "bytes, the record says"), (Path.unlink, "missing")],
+)
+@pytest.mark.parametrize("fresh_instance", [False, True])
+def test_damaged_artifact_is_discarded_and_recompiled(
+    cache_dir: Path,
+    engine: WasmtimeEngine,
+    hello: bytes,
+    caplog: pytest.LogCaptureFixture,
+    damage: object,
+    reason: str,
+    fresh_instance: bool,
+) -> None:
+    cache = PrecompileCache(cache_dir)
+    good = cache.artifact(engine, hello)
+    assert good is not None
+    assert callable(damage)
+    damage(good.path)
+    damaged_sha = hashlib.sha256(good.path.read_bytes()).hexdigest() if good.path.exists() else ""
+    user = PrecompileCache(cache_dir) if fresh_instance else cache
+    with caplog.at_level(logging.WARNING, logger="wasidispatch.cache"):
+        again = user.artifact(engine, hello)
+    assert again is not None
+    assert not again.hit
+    assert any(reason in r.getMessage() and good.key in r.getMessage() for r in caplog.records)
+    current = hashlib.sha256(again.path.read_bytes()).hexdigest()
+    assert current == again.sha256 == good.sha256 != damaged_sha
+    assert _run(engine, hello, again) == b"hello from the cache\n"
+    stats = user.stats()
+    assert (stats.corruptions, stats.misses, stats.entries) == (1, 2, 1)
+
+
+def test_another_engines_artifact_is_never_loaded(
+    cache: PrecompileCache, engine: WasmtimeEngine, hello: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    mine = cache.artifact(engine, hello)
+    foreign = PrecompileCache(cache.directory.parent / "other").artifact(
+        WasmtimeEngine(opt_level="none"), hello
+    )
+    assert mine is not None
+    assert foreign is not None
+    mine.path.write_bytes(foreign.path.read_bytes())  # a valid artifact, of another config
+    with caplog.at_level(logging.WARNING, logger="wasidispatch.cache"):
+        again = cache.artifact(engine, hello)
+    assert again is not None
+    assert not again.hit
+    assert again.path.read_bytes() != foreign.path.read_bytes()
+    assert _run(engine, hello, again) == b"hello from the cache\n"
+    assert cache.stats().corruptions == 1
+
+
+def test_swapped_or_garbled_record_is_discarded(
+    cache: PrecompileCache, hello: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = Fake()
+    a = cache.artifact(fake, hello)
+    b = cache.artifact(fake, _module(7))
+    assert a is not None
+    assert b is not None
+    entries = _entries_dir(cache)
+    # b's record and artifact put in a's place: whole, valid, but not a's
+    (entries / f"{a.key}.json").write_bytes((entries / f"{b.key}.json").read_bytes())
+    (entries / f"{a.key}.art").write_bytes(b.path.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="wasidispatch.cache"):
+        again = cache.artifact(fake, hello)
+    assert again is not None
+    assert not again.hit
+    assert again.sha256 == a.sha256
+    assert "another entry" in caplog.text
+    (entries / f"{a.key}.json").write_text("{not json")
+    again = PrecompileCache(cache.directory).artifact(fake, hello)
+    assert again is not None
+    assert not again.hit
+    assert again.sha256 == a.sha256
+    assert "unreadable" in caplog.text
+    assert fake.compiles == 4
+    assert cache.stats().corruptions == 2
+
+
+def test_read_bytes_refuses_a_file_changed_after_verification(
+    cache: PrecompileCache, engine: WasmtimeEngine, hello: bytes
+) -> None:
+    art = cache.artifact(engine, hello)
+    assert art is not None
+    assert hashlib.sha256(art.read_bytes()).hexdigest() == art.sha256
+    _flip_byte(art.path)
+    with pytest.raises(CacheError, match="changed after it was verified"):
+        art.read_bytes()
+
+
+# -- crashes and concurrency --------------------------------------------------------------------
+
+# A writer that SIGKILL finds stopped inside one step of the write. The child wraps one os
+# function (fault injection at the syscall boundary): when the cache calls it, the child writes
+# a marker and sleeps until it is killed.
+_WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    import wasidispatch.cache as cache_mod
+    from wasidispatch.engines.wasmtime import WasmtimeEngine
+
+    cache_dir, wasm_path, marker, step = sys.argv[1:5]
+    real = getattr(os, step)
+
+    def stop_here(*args, **kwargs):
+        if step != "replace" or str(args[1]).endswith(".json"):
+            Path(marker).write_text(str(args[0]))
+            time.sleep(600)
+        return real(*args, **kwargs)
+
+    setattr(cache_mod.os, step, stop_here)
+    cache_mod.PrecompileCache(cache_dir).artifact(WasmtimeEngine(), Path(wasm_path))
+    """
+)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        if proc.poll() is not None:
+            out = proc.communicate()
+            raise AssertionError(f"writer ended early: {out}")
+        if time.monotonic() > deadline:
+            raise AssertionError("writer never reached the step")
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "fsync",  # artifact bytes written to the temp file, not yet synced or renamed
+        "replace",  # artifact renamed into place, record not yet: the entry must not exist
+    ],
+)
+def test_writer_killed_mid_write_leaves_no_entry(
+    cache_dir: Path, engine: WasmtimeEngine, hello: bytes, tmp_path: Path, step: str
+) -> None:
+    wasm_path = tmp_path / "hello.wasm"
+    wasm_path.write_bytes(hello)
+    marker = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(cache_dir), str(wasm_path), str(marker), step],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for(marker, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = sorted(p.name for p in (cache_dir / "v1" / "entries").iterdir())
+    assert any(n.startswith(".tmp-") for n in leftovers)  # it really died mid-write
+    cache = PrecompileCache(cache_dir)
+    assert cache.entries() == []
+    assert not [n for n in leftovers if n.endswith(".json")]
+    art = cache.artifact(engine, hello)
+    assert art is not None
+    assert not art.hit
+    assert _run(engine, hello, art) == b"hello from the cache\n"
+    assert [e.key for e in cache.entries()] == [art.key]
+
+
+_RACER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from pathlib import Path
+    from wasidispatch.cache import PrecompileCache
+    from wasidispatch.engines.wasmtime import WasmtimeEngine
+
+    cache_dir, wasm_path, log_path, go = sys.argv[1:5]
+
+    class Counting(WasmtimeEngine):
+        def precompile(self, wasm):
+            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.write(fd, f"{os.getpid()}\\n".encode())
+            os.close(fd)
+            time.sleep(0.5)  # keep the others waiting on the lock
+            return super().precompile(wasm)
+
+    engine = Counting()
+    wasm = Path(wasm_path).read_bytes()
+    cache = PrecompileCache(cache_dir)
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    art = cache.artifact(engine, wasm)
+    data = art.read_bytes()
+    cache.close()
+    print(json.dumps({"hit": art.hit, "sha": art.sha256, "len": len(data)}))
+    """
+)
+
+
+def test_eight_processes_racing_compile_once(
+    cache_dir: Path, engine: WasmtimeEngine, hello: bytes, tmp_path: Path
+) -> None:
+    wasm_path, log_path, go = tmp_path / "m.wasm", tmp_path / "compiles.log", tmp_path / "go"
+    wasm_path.write_bytes(hello)
+    args = [str(cache_dir), str(wasm_path), str(log_path), str(go)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(8)
+    ]
+    time.sleep(1.0)  # let them import and open the cache; the race starts at the go file
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, [o[1] for o in outs]
+    results = [json.loads(o[0]) for o in outs]
+    assert len(log_path.read_text().split()) == 1  # one compile
+    assert sorted(r["hit"] for r in results) == [False] + [True] * 7
+    assert len({r["sha"] for r in results}) == 1
+    stats = PrecompileCache(cache_dir).stats()
+    assert (stats.misses, stats.hits, stats.entries) == (1, 7, 1)
+
+
+def test_threads_racing_compile_once(cache_dir: Path, hello: bytes) -> None:
+    class Slow(Fake):
+        def precompile(self, wasm: bytes) -> bytes | None:
+            time.sleep(0.2)
+            return super().precompile(wasm)
+
+    fake = Slow()
+    caches = [PrecompileCache(cache_dir) for _ in range(2)]  # shared and separate instances
+    results: list[CachedArtifact | None] = []
+    barrier = threading.Barrier(8)
+
+    def ask(i: int) -> None:
+        barrier.wait()
+        results.append(caches[i % 2].artifact(fake, hello))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fake.compiles == 1
+    assert sorted(r.hit for r in results if r is not None) == [False] + [True] * 7
+
+
+# -- trust ---------------------------------------------------------------------------------------
+
+
+def test_new_directories_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        cache = PrecompileCache(tmp_path / "a" / "b" / "cache")
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "a", tmp_path / "a" / "b", cache.directory, _entries_dir(cache)):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    assert (cache.directory / "CACHEDIR.TAG").read_bytes().startswith(b"Signature: 8a477f59")
+
+
+@pytest.mark.parametrize(("mode", "says"), [(0o777, "mode 0777"), (0o770, "mode 0770")])
+def test_writable_by_others_is_refused(tmp_path: Path, mode: int, says: str) -> None:
+    d = tmp_path / "shared"
+    d.mkdir()
+    d.chmod(mode)
+    with pytest.raises(CacheError, match=says) as err:
+        PrecompileCache(d)
+    assert "chmod 700" in str(err.value)
+    assert "native code" in str(err.value)
+
+
+def test_a_writable_subdirectory_is_refused_too(cache_dir: Path) -> None:
+    cache = PrecompileCache(cache_dir)
+    _entries_dir(cache).chmod(0o777)
+    with pytest.raises(CacheError, match="other users write"):
+        PrecompileCache(cache_dir)
+
+
+def test_foreign_owner_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("changing a directory's owner needs root")
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o700)
+    os.chown(d, 65534, 65534)
+    with pytest.raises(CacheError, match=r"owned by uid 65534, not by this user \(uid 0\)"):
+        PrecompileCache(d)
+
+
+def test_not_a_directory_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(CacheError, match="not a directory"):
+        PrecompileCache(f)
+
+
+def test_default_directory_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "wasidispatch"
+    assert PrecompileCache().directory == tmp_path / "xdg" / "wasidispatch"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "wasidispatch"
+
+
+# -- size, eviction, counters -------------------------------------------------------------------
+
+
+def test_least_recently_used_goes_first(cache_dir: Path) -> None:
+    fake = Fake(size=1000)
+    cache = PrecompileCache(cache_dir, max_bytes=2500)
+    a = cache.artifact(fake, _module(1))
+    b = cache.artifact(fake, _module(2))
+    assert a is not None
+    assert b is not None
+    assert [e.key for e in cache.entries()] == [a.key, b.key]
+    hit = cache.artifact(fake, _module(1))  # a is now the most recent
+    assert hit is not None
+    assert hit.hit
+    assert [e.key for e in cache.entries()] == [b.key, a.key]
+    c = cache.artifact(fake, _module(3))
+    assert c is not None
+    assert [e.key for e in cache.entries()] == [a.key, c.key]
+    assert not b.path.exists()
+    assert not (_entries_dir(cache) / f"{b.key}.lock").exists()
+    stats = cache.stats()
+    assert (stats.evictions, stats.entries, stats.bytes) == (1, 2, 2000)
+    again = cache.artifact(fake, _module(2))  # evicted: compiled again
+    assert again is not None
+    assert not again.hit
+    assert fake.compiles == 4
+
+
+def test_an_entry_larger_than_the_bound_stays_alone(cache_dir: Path) -> None:
+    cache = PrecompileCache(cache_dir, max_bytes=1500)
+    small, big = Fake(size=1000), Fake("big", size=4000)
+    assert cache.artifact(small, _module(1)) is not None
+    art = cache.artifact(big, _module(2))
+    assert art is not None
+    assert art.path.exists()
+    assert [e.key for e in cache.entries()] == [art.key]
+    assert cache.stats().evictions == 1
+
+
+def test_counters_persist_across_instances_and_processes(
+    cache_dir: Path, hello: bytes, tmp_path: Path
+) -> None:
+    engine = WasmtimeEngine()
+    cache = PrecompileCache(cache_dir)
+    assert cache.artifact(engine, hello) is not None
+    wasm_path = tmp_path / "m.wasm"
+    wasm_path.write_bytes(hello)
+    # another process: two hits, flushed at interpreter exit
+    code = (
+        "import sys; from pathlib import Path; from wasidispatch.cache import PrecompileCache;"
+        "from wasidispatch.engines.wasmtime import WasmtimeEngine;"
+        "c = PrecompileCache(sys.argv[1]); e = WasmtimeEngine();"
+        "[c.artifact(e, Path(sys.argv[2])) for _ in range(2)]"
+    )
+    subprocess.run([sys.executable, "-c", code, str(cache_dir), str(wasm_path)], check=True)
+    assert cache.artifact(engine, hello) is not None
+    total, mine = cache.stats(), cache.session_stats()
+    assert (total.hits, total.misses) == (3, 1)
+    assert (mine.hits, mine.misses) == (1, 1)
+
+
+def test_clear_removes_entries_and_resets_counters(
+    cache: PrecompileCache, engine: WasmtimeEngine, hello: bytes
+) -> None:
+    art = cache.artifact(engine, hello)
+    assert art is not None
+    assert cache.artifact(engine, hello) is not None
+    assert cache.clear() == 1
+    assert not art.path.exists()
+    assert cache.stats() == type(cache.stats())(max_bytes=cache.max_bytes)
+    assert [p.name for p in _entries_dir(cache).iterdir()] == []
+    again = cache.artifact(engine, hello)
+    assert again is not None
+    assert not again.hit
+
+
+def test_stale_leftovers_are_swept(cache: PrecompileCache, hello: bytes) -> None:
+    entries = _entries_dir(cache)
+    stale_tmp, fresh_tmp = entries / ".tmp-stale", entries / ".tmp-fresh"
+    orphan = entries / ("ab" * 32 + ".art")
+    for p in (stale_tmp, fresh_tmp, orphan):
+        p.write_bytes(b"partial")
+    old = time.time_ns() - 2 * 3600 * 10**9
+    for p in (stale_tmp, orphan):
+        os.utime(p, ns=(old, old))
+    assert cache.artifact(Fake(), hello) is not None  # an insertion sweeps
+    names = {p.name for p in entries.iterdir()}
+    assert fresh_tmp.name in names  # may belong to a writer at work
+    assert stale_tmp.name not in names
+    assert orphan.name not in names
+
+
+def test_record_describes_the_artifact_and_files_are_private(
+    cache: PrecompileCache, hello: bytes
+) -> None:
+    art = cache.artifact(Fake(), hello)
+    assert art is not None
+    record = json.loads((_entries_dir(cache) / f"{art.key}.json").read_text())
+    assert record["sha256"] == hashlib.sha256(art.path.read_bytes()).hexdigest()
+    assert record["size"] == art.size
+    assert record["module"] == art.module_digest
+    for p in _entries_dir(cache).iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_warm_stats_clear(
+    tmp_path: Path, hello: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wasidispatch.cli import main
+
+    d = str(tmp_path / "c")
+    files = []
+    for n, wasm in enumerate((hello, _module(5))):
+        f = tmp_path / f"m{n}.wasm"
+        f.write_bytes(wasm)
+        files.append(str(f))
+    (tmp_path / "notes.txt").write_text("not wasm")
+    status = main(["cache", "warm", "--dir", d, *files, str(tmp_path / "notes.txt")])
+    out, err = capsys.readouterr()
+    assert status == 1  # one input was not Wasm; the others were still warmed
+    assert "notes.txt: not a Wasm binary" in err
+    assert [line.split()[0] for line in out.splitlines()] == ["compiled", "compiled"]
+    assert "\x1b[2K" not in err  # no progress bar when stderr is not a terminal
+
+    assert main(["cache", "warm", "--dir", d, "--progress", "always", *files]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split()[0] for line in out.splitlines()] == ["cached", "cached"]
+    assert "] 1/2" in err
+    assert "\x1b[2K" in err
+
+    assert main(["cache", "stats", "--dir", d, "--json", "--entries"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["entries"], doc["misses"], doc["hits"]) == (2, 2, 2)
+    assert {e["module_digest"] for e in doc["list"]} == {
+        "sha256:" + hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files
+    }
+    cached = PrecompileCache(d).artifact(WasmtimeEngine(), Path(files[0]))
+    assert cached is not None
+    assert cached.hit
+
+    assert main(["cache", "stats", "--dir", d]) == 0
+    assert "entries      2" in capsys.readouterr().out
+    assert main(["cache", "clear", "--dir", d]) == 0
+    assert "removed 2 entries" in capsys.readouterr().out
+    assert PrecompileCache(d).entries() == []
+
+
+def test_cli_refuses_an_unsafe_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wasidispatch.cli import main
+
+    d = tmp_path / "open"
+    d.mkdir(mode=0o777)
+    d.chmod(0o777)
+    assert main(["cache", "stats", "--dir", str(d)]) == 1
+    assert "chmod 700" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "size"), [("1024", 1024), ("4k", 4096), ("1.5MiB", 3 << 19)])
+def test_cli_sizes(text: str, size: int) -> None:
+    from wasidispatch._cli.cache import parse_size
+
+    assert parse_size(text) == size
