@@ -1,0 +1,894 @@
+"""`FastWasmtime` and `PreparedModule`: a fresh, isolated instance per request at native speed.
+
+The shape follows wasmtime's own advice for per-request instantiation: compile once, resolve
+imports once (``InstancePre``), then per request make a store, instantiate, call, and drop
+the store. Here every per-request step is one cffi call into the wheel's libwasmtime (cffi
+releases the GIL for each), with no Python wrapper objects in between.
+
+**Ownership.** A store and every handle that belongs to it (instance, function, extern)
+live in local variables of one method call, and the store is deleted in that call's
+``finally``. Nothing store-bound is ever returned or kept: results are Python numbers and a
+`RunResult`/`CallResult`. Using a handle after its store is gone would make wasmtime abort
+the whole process, and the public API has no way to reach one. Engines, modules, linkers and
+``InstancePre`` are shared, thread-safe objects freed when their last Python reference goes
+(a call in progress holds its own references, so `close` never frees memory in use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import platform
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from wasidispatch.engines._api import (
+    TRAP_EXIT_CODE,
+    ExitReason,
+    Limits,
+    Preopen,
+    RunResult,
+    Stdio,
+    Timings,
+)
+from wasidispatch.engines._support import open_envelope, seal_envelope, wasm_kind
+from wasidispatch.engines._wasmtime_cffi import _native
+from wasidispatch.engines._wasmtime_cffi._lib import Loaded, load
+from wasidispatch.engines._wasmtime_cffi._native import (
+    WASM_F32,
+    WASM_F64,
+    WASM_I32,
+    WASM_I64,
+    WASMTIME_EXTERN_FUNC,
+    WASMTIME_EXTERN_MEMORY,
+    CData,
+    EngineConfig,
+    FuncSig,
+)
+from wasidispatch.errors import CantHandle, CompileError, EngineError
+
+__all__ = ["TICK", "CallResult", "FastWasmtime", "PreparedModule", "WasmValue"]
+
+#: Epoch tick, in seconds: the resolution of ``Limits.timeout``.
+TICK = 0.005
+
+_NEVER = 1 << 62  # epoch deadline for runs without a timeout (current + this cannot wrap)
+_FUEL_UNLIMITED = (1 << 63) - 1
+_PAGE = 65536
+_MAX_VALS = 16  # per-thread scratch holds this many params/results; more are allocated
+
+WasmValue = int | float
+_FIELD = {WASM_I32: "i32", WASM_I64: "i64", WASM_F32: "f32", WASM_F64: "f64"}
+
+
+class CallResult(NamedTuple):
+    """How one `PreparedModule.call` ended: the function's results, or why there are none.
+
+    ``reason`` and ``exit_code`` follow `RunResult`: ``EXITED`` with code 0 when the function
+    returned (``values`` holds its results), the WASI exit code when the guest called
+    ``proc_exit``, 137 for a trap, timeout, or running out of memory or fuel (``message``
+    says what happened).
+
+    Example::
+
+        >>> r = CallResult((5,))
+        >>> r.ok, r.value
+        (True, 5)
+    """
+
+    values: tuple[WasmValue, ...]
+    exit_code: int = 0
+    reason: ExitReason = ExitReason.EXITED
+    message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the function returned normally."""
+        return self.reason is ExitReason.EXITED and self.exit_code == 0
+
+    @property
+    def value(self) -> WasmValue | None:
+        """The only result (``None`` for a function without results); `EngineError` when the
+        call did not return normally or returned several values."""
+        if not self.ok:
+            raise EngineError(f"the call did not return: {self.reason.value} ({self.message})")
+        if len(self.values) > 1:
+            raise EngineError(f"the function returned {len(self.values)} values")
+        return self.values[0] if self.values else None
+
+
+class _EpochTicker:
+    """Increments one engine's epoch every `TICK` while a run with a timeout is in flight."""
+
+    def __init__(self, loaded: Loaded, engine: CData) -> None:
+        self._increment = loaded.lib.wasmtime_engine_increment_epoch
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._users = 0
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def _loop(self, stop: threading.Event) -> None:
+        while not stop.wait(TICK):
+            self._increment(self._engine)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        with self._lock:
+            self._users += 1
+            if self._thread is None:
+                self._stop = threading.Event()
+                self._thread = threading.Thread(
+                    target=self._loop,
+                    args=(self._stop,),
+                    name="wasidispatch-fast-epoch",
+                    daemon=True,
+                )
+                self._thread.start()
+        try:
+            yield
+        finally:
+            thread: threading.Thread | None = None
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._stop is not None:
+                    self._stop.set()
+                    thread, self._thread, self._stop = self._thread, None, None
+            if thread is not None:
+                thread.join()
+
+
+def _cpu_flags() -> str:
+    # Compiled code depends on the host CPU's features: artifacts must not move between CPUs.
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return hashlib.sha256(line.split(":", 1)[1].strip().encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return "unknown"
+
+
+class FastWasmtime:
+    """A wasmtime engine driven through the cffi fast path (core modules, WASI preview 1).
+
+    ``pooling`` switches on wasmtime's pooling instance allocator (slots for ``pool_size``
+    concurrent instances are reserved up front, so instantiation maps no memory; wasmtime-py
+    cannot reach it). ``epoch_interruption`` is needed for ``Limits.timeout``,
+    ``consume_fuel`` for ``Limits.fuel`` (it slows guest code); ``max_wasm_stack`` is the
+    guest stack in bytes (1 B .. 2 MiB). All of them are in `fingerprint`.
+
+    The engine is thread-safe; so is every `PreparedModule` it makes. Raises
+    `EngineUnavailable` when the installed wasmtime wheel is not the 50.x release this
+    binding was written and checked for.
+
+    Example::
+
+        >>> import wasmtime
+        >>> fast = FastWasmtime(pooling=True)
+        >>> add = fast.prepare(wasmtime.wat2wasm(
+        ...     '(module (func (export "add") (param i32 i32) (result i32)'
+        ...     ' local.get 0 local.get 1 i32.add))'), wasi=False)
+        >>> add.call("add", 2, 3).value
+        5
+    """
+
+    def __init__(
+        self,
+        *,
+        pooling: bool = False,
+        pool_size: int = 128,
+        epoch_interruption: bool = True,
+        consume_fuel: bool = False,
+        max_wasm_stack: int | None = None,
+    ) -> None:
+        self._config = EngineConfig(
+            pooling=pooling,
+            pool_size=pool_size,
+            epoch_interruption=epoch_interruption,
+            consume_fuel=consume_fuel,
+            max_wasm_stack=max_wasm_stack,
+        )
+        self._loaded = load()
+        self._engine: CData = _native.new_engine(self._loaded, self._config)
+        self._ticker = _EpochTicker(self._loaded, self._engine)
+        self._fingerprint: str | None = None
+
+    @property
+    def config(self) -> EngineConfig:
+        """The settings this engine was made with."""
+        return self._config
+
+    def version(self) -> str:
+        """The installed wasmtime package version (the library it ships)."""
+        return self._loaded.version
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) over ``wasmtime-fast``, the wasmtime version, every compile- or
+        allocation-relevant setting, the machine and its CPU features."""
+        if self._fingerprint is None:
+            cfg = self._config
+            doc = {
+                "engine": "wasmtime-fast",
+                "version": self.version(),
+                "config": {
+                    "pooling": cfg.pooling,
+                    "epoch": cfg.epoch_interruption,
+                    "fuel": cfg.consume_fuel,
+                    "max_wasm_stack": cfg.max_wasm_stack,
+                },
+                "target": {"machine": platform.machine(), "cpu": _cpu_flags()},
+            }
+            blob = json.dumps(doc, sort_keys=True).encode()
+            self._fingerprint = hashlib.sha256(blob).hexdigest()
+        return self._fingerprint
+
+    def precompile(self, wasm: bytes) -> bytes:
+        """Compile a core module ahead of time, in wasidispatch's verified envelope (for
+        `prepare`'s ``precompiled`` or `Workload.precompiled` on ``wasmtime-fast``)."""
+        if wasm_kind(wasm) != "module":
+            raise CantHandle("the wasmtime fast path runs core modules only, not components")
+        module = _native.compile_module(self._loaded, self._engine, wasm)
+        payload = _native.serialize_module(self._loaded, module)
+        return seal_envelope(self.fingerprint(), "module", payload)
+
+    def prepare(
+        self,
+        wasm: bytes | Path | None = None,
+        *,
+        precompiled: bytes | Path | None = None,
+        wasi: bool = True,
+    ) -> PreparedModule:
+        """Compile ``wasm`` (or load ``precompiled``, made by `precompile` of an engine with
+        the same fingerprint) and resolve its imports once.
+
+        ``wasi`` links WASI preview 1; without it the module may import nothing. Raises
+        `CompileError` (not a valid core module), `CantHandle` (a component, or an import
+        that cannot be satisfied), `IncompatibleArtifact` (an artifact from elsewhere).
+        """
+        if (wasm is None) == (precompiled is None):
+            raise EngineError("pass exactly one of wasm and precompiled")
+        loaded = self._loaded
+        if precompiled is not None:
+            data = precompiled
+            if isinstance(data, Path):
+                try:
+                    data = data.read_bytes()
+                except OSError as exc:
+                    raise CompileError(f"cannot read precompiled artifact: {exc}") from exc
+            artifact = open_envelope(data, self.fingerprint())
+            if artifact.kind != "module":
+                raise CantHandle("the wasmtime fast path runs core modules only")
+            module = _native.deserialize_module(loaded, self._engine, artifact.payload)
+        else:
+            assert wasm is not None
+            code = _native.read_path(wasm) if isinstance(wasm, Path) else bytes(wasm)
+            if wasm_kind(code) != "module":
+                raise CantHandle("the wasmtime fast path runs core modules only, not components")
+            module = _native.compile_module(loaded, self._engine, code)
+        return PreparedModule(self, module, wasi=wasi)
+
+
+class _Scratch:
+    """Per-thread out-parameters and value arrays, allocated once and reused by every call
+    the thread makes (a thread runs one call at a time, and nothing here outlives a call).
+
+    ``views`` are typed views of ``args``, indexed by `_Slot`: writing an i32 through an
+    ``int32_t *`` view is several times cheaper than going through the union's attributes.
+    ``rviews`` are the same views of ``results``.
+    """
+
+    __slots__ = ("args", "block", "func", "inst", "item", "results", "rviews", "trapp", "views")
+
+    def __init__(self, ffi: Any) -> None:
+        self.block = ffi.new("wd_call_scratch_t *")
+        self.inst = ffi.addressof(self.block, "instance")
+        self.item = ffi.addressof(self.block, "item")
+        self.func = ffi.addressof(self.block.item.of, "func")
+        self.trapp = ffi.addressof(self.block, "trap")
+        self.args = ffi.new("wasmtime_val_t[]", _MAX_VALS)
+        self.results = ffi.new("wasmtime_val_t[]", _MAX_VALS)
+        self.views = _views(ffi, self.args)
+        self.rviews = _views(ffi, self.results)
+
+
+_VIEW_TYPES = ("uint8_t *", "int32_t *", "int64_t *", "float *", "double *")
+_VIEW_OF_KIND = {WASM_I32: 1, WASM_I64: 2, WASM_F32: 3, WASM_F64: 4}
+
+
+def _views(ffi: Any, vals: CData) -> tuple[Any, ...]:
+    return tuple(ffi.cast(t, vals) for t in _VIEW_TYPES)
+
+
+class _Slot(NamedTuple):
+    """Where value ``i`` of kind ``kind`` lives in an array of ``wasmtime_val_t``: its kind
+    byte at ``kind_index`` of the ``uint8_t`` view, its payload at ``pos`` of view
+    ``view`` (the union starts 8 bytes into the 32-byte struct)."""
+
+    kind: int
+    kind_index: int
+    view: int
+    pos: int
+
+    @classmethod
+    def make(cls, ffi: Any, i: int, kind: int) -> _Slot:
+        size = ffi.sizeof("wasmtime_val_t")
+        offset = ffi.offsetof("wasmtime_val_t", "of")
+        view = _VIEW_OF_KIND[kind]
+        width = ffi.sizeof(_VIEW_TYPES[view][:-2])
+        return cls(kind, i * size, view, (i * size + offset) // width)
+
+
+class _Export(NamedTuple):
+    """A callable export, ready for the hot loop."""
+
+    name: bytes
+    sig: FuncSig
+    params: tuple[_Slot, ...]
+    results: tuple[_Slot, ...]
+
+
+class PreparedModule:
+    """A compiled module with its imports resolved once: every `call` or `run_wasi` gets a
+    fresh store and instance, which are gone when the method returns.
+
+    Thread-safe: any number of threads may call one `PreparedModule` at once (each thread
+    gets its own store per call). `close` releases this object's references to the native
+    module (idempotent); later calls raise `EngineError`. Make one with
+    `FastWasmtime.prepare`.
+    """
+
+    def __init__(self, engine: FastWasmtime, module: CData, *, wasi: bool) -> None:
+        loaded = engine._loaded
+        ffi = loaded.ffi
+        self._fast = engine
+        self._loaded = loaded
+        self._lib = loaded.lib
+        self._null = ffi.NULL
+        self._engine = engine._engine
+        self._epoch = engine.config.epoch_interruption
+        self._fuel = engine.config.consume_fuel
+        self._wasi = wasi
+        funcs, memories = _native.module_exports(loaded, module)
+        self._funcs = funcs
+        self._exports: dict[str, _Export] = {}
+        for name, sig in funcs.items():
+            if sig.params is not None and sig.results is not None:
+                self._exports[name] = _Export(
+                    name.encode("utf-8"),
+                    sig,
+                    tuple(_Slot.make(ffi, i, k) for i, k in enumerate(sig.params)),
+                    tuple(_Slot.make(ffi, i, k) for i, k in enumerate(sig.results)),
+                )
+        self._memories = tuple(name.encode("utf-8") for name in memories)
+        linked = _native.link(loaded, engine._engine, module, wasi=wasi)
+        self._module: CData | None = module
+        self._linker: CData | None = linked.linker
+        self._pre: CData | None = linked.pre
+        self._tls = threading.local()
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def functions(self) -> dict[str, str]:
+        """Exported functions and their signatures, e.g. ``{"add": "(i32, i32) -> (i32)"}``."""
+        return {name: sig.describe() for name, sig in self._funcs.items()}
+
+    @property
+    def closed(self) -> bool:
+        """True after `close`."""
+        return self._pre is None
+
+    def serialize(self) -> bytes:
+        """This module as a precompiled artifact in wasidispatch's envelope (for
+        `FastWasmtime.prepare`'s ``precompiled`` on an engine with the same fingerprint)."""
+        module = self._module
+        if module is None:
+            raise EngineError("the prepared module is closed")
+        payload = _native.serialize_module(self._loaded, module)
+        return seal_envelope(self._fast.fingerprint(), "module", payload)
+
+    def close(self) -> None:
+        """Drop the native module, linker and ``InstancePre`` (freed once no call in
+        progress uses them). Idempotent."""
+        self._pre = None
+        self._linker = None
+        self._module = None
+
+    def __enter__(self) -> PreparedModule:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- per request ---------------------------------------------------------------------
+
+    def _scratch(self) -> _Scratch:
+        try:
+            scratch: _Scratch = self._tls.scratch
+        except AttributeError:
+            scratch = self._tls.scratch = _Scratch(self._loaded.ffi)
+        return scratch
+
+    def _export(self, name: str) -> _Export:
+        export = self._exports.get(name)
+        if export is not None:
+            return export
+        if name in self._funcs:
+            raise EngineError(
+                f"export {name!r} {self._funcs[name].describe()}: the fast path converts "
+                "i32, i64, f32 and f64 values only (no v128 or references)"
+            )
+        raise EngineError(f"the module exports no function {name!r}")
+
+    def call(self, name: str, *args: WasmValue, limits: Limits | None = None) -> CallResult:
+        """Instantiate afresh, call export ``name`` with ``args``, drop the instance.
+
+        Parameters and results are i32/i64 (int) and f32/f64 (float). A trap, an exit, a
+        timeout or a memory cap are a `CallResult`, not an exception; `EngineError` is
+        raised for a missing export, wrong arguments, or a closed module, `CantHandle` for
+        limits this engine's configuration cannot enforce.
+        """
+        pre = self._pre
+        if pre is None:
+            raise EngineError("the prepared module is closed")
+        export = self._exports.get(name) or self._export(name)
+        params, results = export.params, export.results
+        if len(args) != len(params):
+            raise EngineError(f"{name!r} takes {len(params)} arguments, got {len(args)}")
+        scratch = self._scratch()
+        if len(params) <= _MAX_VALS and len(results) <= _MAX_VALS:
+            vals, out, views, rviews = scratch.args, scratch.results, scratch.views, scratch.rviews
+        else:
+            ffi = self._loaded.ffi
+            vals = ffi.new("wasmtime_val_t[]", max(1, len(params)))
+            out = ffi.new("wasmtime_val_t[]", max(1, len(results)))
+            views, rviews = _views(ffi, vals), _views(ffi, out)
+        kinds = views[0]
+        try:
+            for slot, arg in zip(params, args, strict=True):
+                kinds[slot.kind_index] = slot.kind
+                views[slot.view][slot.pos] = arg
+        except (TypeError, OverflowError) as exc:
+            raise EngineError(f"bad argument for {name!r} {export.sig.describe()}: {exc}") from exc
+
+        if limits is not None:
+            outcome = self._execute(
+                pre, scratch, export.name, vals, len(params), out, len(results), limits, None
+            )
+            if outcome is not None:
+                return CallResult((), *outcome)
+            return CallResult(tuple([rviews[s.view][s.pos] for s in results]))
+
+        # The hot loop, inlined: one store, one instance, one call, gone in `finally`.
+        lib = self._lib
+        null = self._null
+        store = lib.wasmtime_store_new(self._engine, null, null)
+        if store == null:
+            raise EngineError("wasmtime could not create a store")
+        try:
+            ctx = lib.wasmtime_store_context(store)
+            if self._epoch:
+                lib.wasmtime_context_set_epoch_deadline(ctx, _NEVER)
+            if self._fuel:
+                self._set_fuel(ctx, _FUEL_UNLIMITED)
+            trapp = scratch.trapp
+            trapp[0] = null
+            err = lib.wasmtime_instance_pre_instantiate(pre, ctx, scratch.inst, trapp)
+            if err != null or trapp[0] != null:
+                return CallResult((), *self._instantiate_failure(err, trapp[0], None))
+            item = scratch.item
+            name_b = export.name
+            if not lib.wasmtime_instance_export_get(ctx, scratch.inst, name_b, len(name_b), item):
+                raise EngineError(f"export {name!r} is missing from the instance")
+            if item.kind != WASMTIME_EXTERN_FUNC:  # never for a function export; kept as a guard
+                lib.wasmtime_extern_delete(item)
+                raise EngineError(f"export {name!r} is not a function")
+            err = lib.wasmtime_func_call(
+                ctx, scratch.func, vals, len(params), out, len(results), trapp
+            )
+            if err != null:
+                message, exit_status = _native.error_info(self._loaded, err)
+                if exit_status is not None:
+                    return CallResult((), exit_status, ExitReason.EXITED, None)
+                return CallResult((), *self._classify(message, None, None, None, None))
+            if trapp[0] != null:
+                message, code = _native.trap_info(self._loaded, trapp[0])
+                return CallResult((), *self._classify(message, code, None, None, None))
+            return CallResult(tuple([rviews[s.view][s.pos] for s in results]))
+        finally:
+            lib.wasmtime_store_delete(store)
+
+    def run_wasi(
+        self,
+        *,
+        argv: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        stdin: Stdio | None = None,
+        stdout: Stdio | None = None,
+        stderr: Stdio | None = None,
+        preopens: Sequence[Preopen] = (),
+        entry: str | None = None,
+        limits: Limits | None = None,
+    ) -> RunResult:
+        """Run the module as a WASI command on a fresh instance: ``argv`` and ``env`` exactly
+        as given (the host environment never leaks in), ``preopens`` (read-only ones refuse
+        writes), stdio as in `Stdio` (stdin defaults to empty, stdout/stderr to the host's),
+        ``entry`` instead of ``_start``.
+
+        The guest's fate is the `RunResult`; `EngineError` is raised for host-side problems
+        (a missing preopen directory or stdio file), `CantHandle` for a missing entry or
+        limits this engine's configuration cannot enforce.
+        """
+        pre = self._pre
+        if pre is None:
+            raise EngineError("the prepared module is closed")
+        if not self._wasi:
+            raise EngineError("this module was prepared with wasi=False")
+        entry_name = entry or "_start"
+        sig = self._funcs.get(entry_name)
+        if sig is None:
+            raise CantHandle(
+                f"module has no function export {entry_name!r}"
+                + ("" if entry else " (a library/reactor module? name one with entry=...)")
+            )
+        if sig.params != ():
+            raise CantHandle(f"export {entry_name!r} takes parameters; only () -> ... can be run")
+        export = self._exports.get(entry_name)
+        if export is None or len(export.results) > _MAX_VALS:
+            raise CantHandle(f"export {entry_name!r} returns values the fast path cannot take")
+        scratch = self._scratch()
+        captured: dict[str, bytearray] = {}
+        keep: list[Any] = []  # buffers and handles the WASI config points into
+        wasi = _wasi_config(
+            self._loaded,
+            argv,
+            env or {},
+            stdin or _NULL_STDIO,
+            stdout or _INHERIT_STDIO,
+            stderr or _INHERIT_STDIO,
+            preopens,
+            captured,
+            keep,
+        )
+        timings: list[float] = []
+        outcome = self._execute(
+            pre,
+            scratch,
+            export.name,
+            self._null,
+            0,
+            scratch.results,
+            len(export.results),
+            limits,
+            wasi,
+            timings,
+        )
+        exit_code, reason, message = outcome or (0, ExitReason.EXITED, None)
+        out = captured.get("stdout")
+        err = captured.get("stderr")
+        return RunResult(
+            exit_code=exit_code,
+            reason=reason,
+            message=message,
+            stdout=bytes(out) if out is not None else None,
+            stderr=bytes(err) if err is not None else None,
+            timings=Timings(
+                instantiate=timings[0] if timings else 0.0,
+                run=timings[1] if len(timings) > 1 else 0.0,
+            ),
+        )
+
+    # -- the store's whole life ----------------------------------------------------------
+
+    def _execute(
+        self,
+        pre: CData,
+        scratch: _Scratch,
+        name: bytes,
+        args: CData,
+        n_args: int,
+        results: CData,
+        n_results: int,
+        limits: Limits | None,
+        wasi: CData | None,
+        timings: list[float] | None = None,
+    ) -> tuple[int, ExitReason, str | None] | None:
+        """Make a store, instantiate, call ``name``, classify, delete the store.
+
+        ``None`` means the function returned (its results are in ``results``). ``wasi`` is
+        consumed (the store owns it from the first line on, even on error).
+        """
+        loaded = self._loaded
+        ffi, lib = loaded.ffi, loaded.lib
+        fast = self._fast
+        store = lib.wasmtime_store_new(fast._engine, ffi.NULL, ffi.NULL)
+        if store == ffi.NULL:
+            if wasi is not None:
+                lib.wasi_config_delete(wasi)
+            raise EngineError("wasmtime could not create a store")
+        try:
+            ctx = lib.wasmtime_store_context(store)
+            if wasi is not None:
+                err = lib.wasmtime_context_set_wasi(ctx, wasi)  # takes wasi, even on error
+                wasi = None
+                if err != ffi.NULL:
+                    message, _ = _native.error_info(loaded, err)
+                    raise EngineError(f"wasmtime refused the WASI configuration: {message}")
+            if limits is None or limits == _NO_LIMITS:
+                if fast._config.epoch_interruption:
+                    lib.wasmtime_context_set_epoch_deadline(ctx, _NEVER)
+                if fast._config.consume_fuel:
+                    self._set_fuel(ctx, _FUEL_UNLIMITED)
+            elif self._arm(store, ctx, limits):
+                with fast._ticker.running():
+                    return self._run_in_store(
+                        pre, ctx, scratch, name, args, n_args, results, n_results, limits, timings
+                    )
+            return self._run_in_store(
+                pre, ctx, scratch, name, args, n_args, results, n_results, limits, timings
+            )
+        finally:
+            lib.wasmtime_store_delete(store)
+
+    def _run_in_store(
+        self,
+        pre: CData,
+        ctx: CData,
+        scratch: _Scratch,
+        name: bytes,
+        args: CData,
+        n_args: int,
+        results: CData,
+        n_results: int,
+        limits: Limits | None,
+        timings: list[float] | None,
+    ) -> tuple[int, ExitReason, str | None] | None:
+        """Instantiate and call inside a live store (``ctx``); the caller deletes the store."""
+        loaded = self._loaded
+        ffi, lib = loaded.ffi, loaded.lib
+        trapp = scratch.trapp
+        trapp[0] = ffi.NULL
+        t0 = time.perf_counter() if timings is not None else 0.0
+        err = lib.wasmtime_instance_pre_instantiate(pre, ctx, scratch.inst, trapp)
+        if err != ffi.NULL or trapp[0] != ffi.NULL:
+            if timings is not None:
+                timings += (time.perf_counter() - t0, 0.0)
+            return self._instantiate_failure(err, trapp[0], limits)
+        item = scratch.item
+        if not lib.wasmtime_instance_export_get(ctx, scratch.inst, name, len(name), item):
+            raise EngineError(f"export {name.decode()!r} is missing from the instance")
+        if item.kind != WASMTIME_EXTERN_FUNC:  # never for a function export; kept as a guard
+            lib.wasmtime_extern_delete(item)
+            raise EngineError(f"export {name.decode()!r} is not a function")
+        t1 = time.perf_counter() if timings is not None else 0.0
+        err = lib.wasmtime_func_call(ctx, scratch.func, args, n_args, results, n_results, trapp)
+        if timings is not None:
+            timings += (t1 - t0, time.perf_counter() - t1)
+        if err != ffi.NULL:
+            message, exit_status = _native.error_info(loaded, err)
+            if exit_status is not None:
+                return exit_status, ExitReason.EXITED, None
+            return self._classify(message, None, limits, ctx, scratch)
+        if trapp[0] != ffi.NULL:
+            message, code = _native.trap_info(loaded, trapp[0])
+            return self._classify(message, code, limits, ctx, scratch)
+        return None
+
+    def _set_fuel(self, ctx: CData, fuel: int) -> None:
+        loaded = self._loaded
+        err = loaded.lib.wasmtime_context_set_fuel(ctx, fuel)
+        if err != loaded.ffi.NULL:
+            message, _ = _native.error_info(loaded, err)
+            raise EngineError(f"wasmtime refused to set fuel: {message}")
+
+    def _arm(self, store: CData, ctx: CData, limits: Limits) -> bool:
+        """Apply ``limits`` to a fresh store; True when the run needs the epoch ticker."""
+        lib = self._loaded.lib
+        cfg = self._fast._config
+        if limits.max_wasm_stack is not None and limits.max_wasm_stack != cfg.max_wasm_stack:
+            raise CantHandle("limits.max_wasm_stack needs an engine made with that max_wasm_stack")
+        if limits.memory_bytes is not None:
+            if limits.memory_bytes < 0:
+                raise EngineError("limits.memory_bytes must not be negative")
+            lib.wasmtime_store_limiter(store, limits.memory_bytes, -1, -1, -1, -1)
+        if limits.fuel is not None:
+            if not cfg.consume_fuel:
+                raise CantHandle("limits.fuel needs an engine made with consume_fuel=True")
+            if limits.fuel < 0:
+                raise EngineError("limits.fuel must not be negative")
+            self._set_fuel(ctx, min(limits.fuel, _FUEL_UNLIMITED))
+        elif cfg.consume_fuel:
+            self._set_fuel(ctx, _FUEL_UNLIMITED)
+        if limits.timeout is None:
+            if cfg.epoch_interruption:
+                lib.wasmtime_context_set_epoch_deadline(ctx, _NEVER)
+            return False
+        if not cfg.epoch_interruption:
+            raise CantHandle("limits.timeout needs an engine with epoch_interruption=True")
+        if not (limits.timeout > 0 and math.isfinite(limits.timeout)):
+            raise EngineError(f"limits.timeout must be a positive number, got {limits.timeout}")
+        ticks = max(1, math.ceil(limits.timeout / TICK)) + 1
+        lib.wasmtime_context_set_epoch_deadline(ctx, ticks)
+        return True
+
+    def _instantiate_failure(
+        self, err: CData, trap: CData, limits: Limits | None
+    ) -> tuple[int, ExitReason, str | None]:
+        loaded = self._loaded
+        if trap != loaded.ffi.NULL:  # the start function trapped
+            message, code = _native.trap_info(loaded, trap)
+            return self._classify(message, code, limits, None, None)
+        message, exit_status = _native.error_info(loaded, err)
+        if exit_status is not None:
+            return exit_status, ExitReason.EXITED, None
+        first = message.strip().splitlines()[0] if message.strip() else "instantiation failed"
+        capped = limits is not None and limits.memory_bytes is not None
+        if capped and "memory" in message and "limit" in message:
+            return TRAP_EXIT_CODE, ExitReason.OUT_OF_MEMORY, first
+        if "import" in first:
+            raise CantHandle(f"cannot link the guest: {first}")
+        raise EngineError(f"cannot instantiate the guest: {first}")
+
+    def _classify(
+        self,
+        message: str,
+        code: int | None,
+        limits: Limits | None,
+        ctx: CData | None,
+        scratch: _Scratch | None,
+    ) -> tuple[int, ExitReason, str | None]:
+        message = message.strip()
+        if code == _native.TRAP_CODE_INTERRUPT:
+            timeout = limits.timeout if limits is not None else None
+            return TRAP_EXIT_CODE, ExitReason.TIMED_OUT, f"timed out after {timeout}s"
+        if code == _native.TRAP_CODE_OUT_OF_FUEL:
+            return TRAP_EXIT_CODE, ExitReason.OUT_OF_FUEL, message
+        cap = limits.memory_bytes if limits is not None else None
+        if (
+            cap is not None
+            and ctx is not None
+            and scratch is not None
+            and any(size + _PAGE > cap for size in self._memory_sizes(ctx, scratch))
+        ):
+            return (
+                TRAP_EXIT_CODE,
+                ExitReason.OUT_OF_MEMORY,
+                f"memory cap of {cap} bytes reached; {message}",
+            )
+        return TRAP_EXIT_CODE, ExitReason.TRAPPED, message
+
+    def _memory_sizes(self, ctx: CData, scratch: _Scratch) -> list[int]:
+        lib = self._loaded.lib
+        ffi = self._loaded.ffi
+        sizes: list[int] = []
+        item = ffi.new("wasmtime_extern_t *")
+        for name in self._memories:
+            if lib.wasmtime_instance_export_get(ctx, scratch.inst, name, len(name), item):
+                if item.kind == WASMTIME_EXTERN_MEMORY:
+                    sizes.append(
+                        int(lib.wasmtime_memory_data_size(ctx, ffi.addressof(item.of, "memory")))
+                    )
+                lib.wasmtime_extern_delete(item)
+        return sizes
+
+
+_NO_LIMITS = Limits()
+_NULL_STDIO = Stdio.null()
+_INHERIT_STDIO = Stdio.inherit()
+
+
+def _cstr(ffi: Any, text: str, what: str, keep: list[Any]) -> Any:
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EngineError(f"{what} is not valid UTF-8: {text!r}") from exc
+    if b"\0" in data:
+        raise EngineError(f"{what} contains a NUL character: {text!r}")
+    buf = ffi.new("char[]", data)
+    keep.append(buf)
+    return buf
+
+
+def _wasi_config(
+    loaded: Loaded,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    stdin: Stdio,
+    stdout: Stdio,
+    stderr: Stdio,
+    preopens: Sequence[Preopen],
+    captured: dict[str, bytearray],
+    keep: list[Any],
+) -> CData:
+    """A ``wasi_config_t`` for one run; the caller hands it to a store (which owns it)."""
+    ffi, lib = loaded.ffi, loaded.lib
+    wasi = lib.wasi_config_new()
+    if wasi == ffi.NULL:
+        raise EngineError("wasmtime could not allocate a WASI configuration")
+    try:
+        if argv:
+            ptrs = ffi.new("char *[]", [_cstr(ffi, a, "an argument", keep) for a in argv])
+            if not lib.wasi_config_set_argv(wasi, len(argv), ptrs):
+                raise EngineError("wasmtime refused the arguments")
+        if env:
+            names = ffi.new("char *[]", [_cstr(ffi, k, "an env name", keep) for k in env])
+            values = ffi.new(
+                "char *[]", [_cstr(ffi, v, "an env value", keep) for v in env.values()]
+            )
+            if not lib.wasi_config_set_env(wasi, len(env), names, values):
+                raise EngineError("wasmtime refused the environment")
+        for pre in preopens:
+            host = Path(pre.host)
+            if not pre.guest:
+                raise EngineError(f"preopen of {host} has an empty guest path")
+            if not host.is_dir():
+                raise EngineError(f"preopen host directory does not exist: {host}")
+            ok = lib.wasi_config_preopen_dir(
+                wasi,
+                _cstr(ffi, str(host), "a preopen path", keep),
+                _cstr(ffi, pre.guest, "a preopen guest path", keep),
+                not pre.readonly,
+            )
+            if not ok:
+                raise EngineError(f"cannot preopen {host} as {pre.guest}")
+        _set_stdin(loaded, wasi, stdin, keep)
+        for stream, stdio in (("stdout", stdout), ("stderr", stderr)):
+            _set_output(loaded, wasi, stream, stdio, captured, keep)
+    except BaseException:
+        lib.wasi_config_delete(wasi)
+        raise
+    return wasi
+
+
+def _set_stdin(loaded: Loaded, wasi: CData, stdin: Stdio, keep: list[Any]) -> None:
+    ffi, lib = loaded.ffi, loaded.lib
+    if stdin.kind == "inherit":
+        lib.wasi_config_inherit_stdin(wasi)
+    elif stdin.kind == "file":
+        assert stdin.path is not None
+        if not stdin.path.is_file():
+            raise EngineError(f"stdin file does not exist: {stdin.path}")
+        if not lib.wasi_config_set_stdin_file(wasi, _cstr(ffi, str(stdin.path), "a path", keep)):
+            raise EngineError(f"cannot open stdin file {stdin.path}")
+    elif stdin.kind == "bytes":
+        data = stdin.data or b""
+        vec = ffi.new("wasm_byte_vec_t *")
+        lib.wasm_byte_vec_new(vec, len(data), ffi.from_buffer(data))
+        lib.wasi_config_set_stdin_bytes(wasi, vec)  # takes the vector's contents
+        lib.wasm_byte_vec_delete(vec)  # now empty; deleting it is a no-op kept for symmetry
+    elif stdin.kind == "capture":
+        raise CantHandle("stdin cannot be captured; use Stdio.from_bytes or a file")
+    # "null": no stdin configured means an empty one
+
+
+def _set_output(
+    loaded: Loaded,
+    wasi: CData,
+    stream: str,
+    stdio: Stdio,
+    captured: dict[str, bytearray],
+    keep: list[Any],
+) -> None:
+    ffi, lib = loaded.ffi, loaded.lib
+    if stdio.kind == "inherit":
+        getattr(lib, f"wasi_config_inherit_{stream}")(wasi)
+    elif stdio.kind == "file":
+        assert stdio.path is not None
+        path = _cstr(ffi, str(stdio.path), "a path", keep)
+        if not getattr(lib, f"wasi_config_set_{stream}_file")(wasi, path):
+            raise EngineError(f"cannot open {stream} file {stdio.path}")
+    elif stdio.kind == "capture":
+        buf = captured[stream] = bytearray()
+        handle = ffi.new_handle(buf)
+        keep.append(handle)
+        getattr(lib, f"wasi_config_set_{stream}_custom")(wasi, loaded.sink, handle, ffi.NULL)
+    elif stdio.kind == "bytes":
+        raise CantHandle(f"{stream} cannot be fed bytes; use capture or a file")
+    # "null": no output configured means discarded
