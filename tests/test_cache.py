@@ -763,3 +763,51 @@ def test_cli_sizes(text: str, size: int) -> None:
     from wasidispatch._cli.cache import parse_size
 
     assert parse_size(text) == size
+
+
+def test_cli_warms_a_bundle_and_a_layout(
+    tmp_path: Path, hello: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wasidispatch.cli import main
+    from wasidispatch.oci.layout import ImageLayout, pack_wasm
+
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs" / "bin").mkdir(parents=True)
+    (bundle / "rootfs" / "bin" / "hello.wasm").write_bytes(hello)
+    (bundle / "rootfs" / "bin" / "hello.wasm").chmod(0o755)
+    spec = {
+        "ociVersion": "1.2.0",
+        "process": {"args": ["hello.wasm"], "cwd": "/", "env": ["PATH=/bin"]},
+        "root": {"path": "rootfs"},
+    }
+    (bundle / "config.json").write_text(json.dumps(spec))
+    layout_dir = tmp_path / "layout"
+    layout = ImageLayout.create(layout_dir)
+    other = _module(11)
+    pack_wasm(layout, other, "v1", created=None)
+    pack_wasm(layout, other, "latest", created=None)  # the same layer twice: warmed once
+
+    d = str(tmp_path / "c")
+    assert main(["cache", "warm", "--dir", d, str(bundle), str(layout_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].split()[0] == "compiled"
+    assert "bundle:/bin/hello.wasm" in lines[0]
+    assert lines[1].split()[0] == "compiled"
+    assert "layout:" in lines[1]
+    cache = PrecompileCache(d)
+    engine = WasmtimeEngine()
+    from_bundle = cache.artifact(engine, hello)
+    from_layout = cache.artifact(
+        engine, other, digest="sha256:" + hashlib.sha256(other).hexdigest()
+    )
+    assert from_bundle is not None
+    assert from_bundle.hit
+    assert from_layout is not None
+    assert from_layout.hit
+    assert _run(engine, hello, from_bundle) == b"hello from the cache\n"
+
+    # a bundle whose entrypoint is not Wasm is reported, not warmed
+    (bundle / "rootfs" / "bin" / "hello.wasm").write_bytes(b"#!/bin/sh\necho hi\n")
+    assert main(["cache", "warm", "--dir", d, str(bundle)]) == 1
+    assert "is not Wasm (detected script)" in capsys.readouterr().err

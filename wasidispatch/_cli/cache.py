@@ -13,6 +13,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -145,10 +146,15 @@ def _stats(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Target:
+    """One Wasm binary to warm: a file, or bytes read (and digest-verified) on demand."""
+
     label: str
-    path: Path
+    source: Path | Callable[[], bytes]
     digest: str | None = None
     size: int = 0
+
+    def wasm(self) -> Path | bytes:
+        return self.source if isinstance(self.source, Path) else self.source()
 
 
 class _Progress:
@@ -210,15 +216,39 @@ def _targets(path: Path) -> list[_Target]:
 
 
 def _bundle_targets(path: Path) -> list[_Target]:
-    from wasidispatch.errors import WasiDispatchError
+    """The bundle's entrypoint, resolved inside its rootfs as the container would see it."""
+    from wasidispatch.detect import sniff_path
+    from wasidispatch.errors import DetectionError
+    from wasidispatch.oci.bundle import Bundle
 
-    raise WasiDispatchError(f"{path}: warming a runtime bundle is not supported yet")
+    bundle = Bundle.load(path)
+    entry = bundle.resolve_entrypoint()
+    detected = sniff_path(entry)
+    if not detected.is_wasm:
+        raise DetectionError(
+            f"{path}: the entrypoint {entry} is not Wasm (detected {detected.format})"
+        )
+    inside = entry.relative_to(bundle.rootfs) if entry.is_relative_to(bundle.rootfs) else entry
+    return [_Target(f"{path}:/{inside}", entry, size=entry.stat().st_size)]
 
 
 def _layout_targets(path: Path) -> list[_Target]:
-    from wasidispatch.errors import WasiDispatchError
+    """The Wasm layers of every reference in the layout (of its only manifest if untagged)."""
+    from wasidispatch.oci.layout import ImageLayout, wasm_layers
 
-    raise WasiDispatchError(f"{path}: warming an OCI image layout is not supported yet")
+    layout = ImageLayout.open(path)
+    refs: list[str | None] = list(layout.refs()) or [None]
+    targets: list[_Target] = []
+    seen: set[str] = set()
+    for ref in refs:
+        for layer in wasm_layers(layout, ref):
+            digest = str(layer.digest)
+            if digest in seen:
+                continue
+            seen.add(digest)
+            label = f"{path}:{ref or ''}@{digest[:19]}"
+            targets.append(_Target(label, layer.read_bytes, digest=digest, size=layer.size))
+    return targets
 
 
 def _warm(args: argparse.Namespace) -> int:
@@ -248,7 +278,7 @@ def _warm(args: argparse.Namespace) -> int:
         bar.start(t.label)
         began = time.perf_counter()
         try:
-            art = cache.artifact(engine, t.path, digest=t.digest)
+            art = cache.artifact(engine, t.wasm(), digest=t.digest)
         except (WasiDispatchError, OSError) as exc:
             bar.clear()
             print(f"wasidispatch cache warm: {t.label}: {exc}", file=sys.stderr)
