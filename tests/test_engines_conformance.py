@@ -50,7 +50,8 @@ def need(engine: Engine, capability: str) -> None:
 
 
 def run(engine: Engine, wasm: bytes | Path, *args: str, **kw: object) -> RunResult:
-    """Run with stdout and stderr captured and argv[0] = "guest.wasm"."""
+    """Run with stdin empty, stdout and stderr captured and argv[0] = "guest.wasm"."""
+    kw.setdefault("stdin", Stdio.null())
     kw.setdefault("stdout", Stdio.capture())
     kw.setdefault("stderr", Stdio.capture())
     workload = Workload(wasm=wasm, argv=("guest.wasm", *args), **kw)  # type: ignore[arg-type]
@@ -277,7 +278,7 @@ def test_component_run(engine: Engine) -> None:
 def test_component_refused_by_modules_only_engine(engine: Engine) -> None:
     if engine.capabilities.components:
         pytest.skip(f"{engine.name} runs components")
-    workload = Workload(wasm=guest_bytes("wat", "component_hello"))
+    workload = Workload(wasm=guest_bytes("wat", "component_hello"), stdin=Stdio.null())
     assert not engine.can_handle(workload)
     with pytest.raises(CantHandle, match="component"):
         engine.run(workload)
@@ -364,34 +365,31 @@ def test_foreign_precompiled_artifact_is_incompatible(engine: Engine) -> None:
 
 @pytest.mark.parametrize("stack", [0, 4 << 20, 1 << 40, -1])
 def test_dangerous_max_wasm_stack_is_refused(engine: Engine, stack: int) -> None:
-    workload = Workload(wasm=build_c("hello"), limits=Limits(max_wasm_stack=stack))
+    workload = _plain(limits=Limits(max_wasm_stack=stack))
     assert not engine.can_handle(workload)
     with pytest.raises(CantHandle):
         engine.run(workload)
 
 
-def _needs(capability: str) -> Callable[[Path], Workload]:
-    def with_preopen(tmp: Path) -> Workload:
-        return Workload(wasm=build_c("hello"), preopens=(Preopen(tmp, "/d"),))
+def _plain(**kw: object) -> Workload:
+    """A workload every engine takes, plus ``kw``."""
+    kw.setdefault("wasm", build_c("hello"))
+    return Workload(argv=("guest.wasm",), stdin=Stdio.null(), **kw)  # type: ignore[arg-type]
 
-    makers: dict[str, Callable[[Path], Workload]] = {
-        "preopens": with_preopen,
-        "readonly_preopens": lambda tmp: Workload(
-            wasm=build_c("hello"), preopens=(Preopen(tmp, "/d", readonly=True),)
-        ),
-        "cwd": lambda tmp: Workload(
-            wasm=build_c("hello"), preopens=(Preopen(tmp, "/d"),), cwd="/d"
-        ),
-        "stdio_file": lambda tmp: Workload(wasm=build_c("hello"), stdout=Stdio.file(tmp / "o")),
-        "memory_limit": lambda tmp: Workload(
-            wasm=build_c("hello"), limits=Limits(memory_bytes=1 << 24)
-        ),
-        "timeout": lambda tmp: Workload(wasm=build_c("hello"), limits=Limits(timeout=5)),
-        "fuel": lambda tmp: Workload(wasm=build_c("hello"), limits=Limits(fuel=10**9)),
-        "entry_export": lambda tmp: Workload(wasm=build_wat("no_start"), entry="answer"),
-        "components": lambda tmp: Workload(wasm=build_wat("component_hello")),
+
+def _needs(capability: str, tmp: Path) -> Workload:
+    makers: dict[str, Callable[[], Workload]] = {
+        "preopens": lambda: _plain(preopens=(Preopen(tmp, "/d"),)),
+        "readonly_preopens": lambda: _plain(preopens=(Preopen(tmp, "/d", readonly=True),)),
+        "cwd": lambda: _plain(preopens=(Preopen(tmp, "/d"),), cwd="/d"),
+        "stdio_file": lambda: _plain(stdout=Stdio.file(tmp / "o")),
+        "memory_limit": lambda: _plain(limits=Limits(memory_bytes=1 << 24)),
+        "timeout": lambda: _plain(limits=Limits(timeout=5)),
+        "fuel": lambda: _plain(limits=Limits(fuel=10**9)),
+        "entry_export": lambda: _plain(wasm=build_wat("no_start"), entry="answer"),
+        "components": lambda: _plain(wasm=build_wat("component_hello")),
     }
-    return makers[capability]
+    return makers[capability]()
 
 
 _REFUSABLE = (
@@ -412,7 +410,8 @@ def test_missing_capability_is_refused(engine: Engine, tmp_path: Path, capabilit
     assert capability in Capabilities.__dataclass_fields__
     if getattr(engine.capabilities, capability):
         pytest.skip(f"{engine.name} has {capability!r}")
-    workload = _needs(capability)(tmp_path)
+    assert engine.can_handle(_plain())  # so the refusal below is the capability's
+    workload = _needs(capability, tmp_path)
     verdict = engine.can_handle(workload)
     assert not verdict
     assert verdict.reason

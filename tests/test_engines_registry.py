@@ -121,6 +121,12 @@ def test_installed_wasmtime_engine_loads_and_is_shared() -> None:
     assert other.fingerprint() != engine.fingerprint()  # config is part of the key
 
 
+@pytest.mark.skipif(importlib.util.find_spec("wasmer_sdk") is None, reason="wasmer-sdk absent")
+def test_installed_wasmer_engine_loads() -> None:
+    engine = engines.get("wasmer")
+    assert engine.name == "wasmer"
+
+
 def test_bad_options_are_an_engine_error() -> None:
     with pytest.raises(EngineError, match="options"):
         engines.get("wasmtime", no_such_option=True)

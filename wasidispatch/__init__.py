@@ -56,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "Workload": "wasidispatch.engines._api",
     # engines
     "EngineInfo": "wasidispatch.engines",
+    "WasmerEngine": "wasidispatch.engines.wasmer",
     "WasmtimeEngine": "wasidispatch.engines.wasmtime",
     # precompile cache
     "CacheEntry": "wasidispatch.cache",
@@ -91,6 +92,7 @@ if TYPE_CHECKING:
         Verdict,
         Workload,
     )
+    from wasidispatch.engines.wasmer import WasmerEngine
     from wasidispatch.engines.wasmtime import WasmtimeEngine
     from wasidispatch.errors import (
         CacheError,
