@@ -531,17 +531,61 @@ def _rchar() -> int:
     raise AssertionError("no rchar in /proc/self/io")
 
 
-@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs /proc/self/io")
-def test_sniff_path_reads_only_the_prefix_of_a_1gib_file(sparse_wasm: Path) -> None:
-    # The kernel's count of bytes this process read(): only the prefix, not the gigabyte.
-    sniff_path(sparse_wasm)  # warm up
+def _bytes_read_by(path: Path) -> tuple[Detected, int]:
+    """The kernel's count of bytes this process read() while sniffing ``path``."""
+    sniff_path(path)  # warm up
     r0 = _rchar()
     r1 = _rchar()
-    d = sniff_path(sparse_wasm)
+    d = sniff_path(path)
     r2 = _rchar()
-    read_by_sniff = (r2 - r1) - (r1 - r0)  # minus what reading /proc/self/io itself costs
+    return d, (r2 - r1) - (r1 - r0)  # minus what reading /proc/self/io itself costs
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs /proc/self/io")
+def test_sniff_path_reads_only_the_prefix_of_a_1gib_file(sparse_wasm: Path) -> None:
+    d, read = _bytes_read_by(sparse_wasm)
     assert d.format == "wasm-module"
-    assert PREFIX_SIZE <= read_by_sniff < PREFIX_SIZE + 64
+    assert 8 <= read <= SCRIPT_LINE_MAX  # a binary header needs no more than the first read
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs /proc/self/io")
+def test_text_like_1gib_file_is_read_up_to_the_prefix_only(tmp_path: Path) -> None:
+    path = tmp_path / "blank.wat"
+    with path.open("wb") as f:
+        f.write(b";; a comment, then a gigabyte of NUL bytes\n")
+        f.truncate(1 << 30)
+    d, read = _bytes_read_by(path)
+    assert d.format == "unknown"
+    assert read == PREFIX_SIZE
+
+
+_CONTENT_STARTS = [
+    b"\0asm",
+    b"\x7fELF\x02\x01",
+    b"#!",
+    b"(",
+    b";;",
+    b"(;",
+    b" ",
+    b"\xef\xbb\xbf",
+    b"",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from(_CONTENT_STARTS),
+    st.binary(max_size=600),
+    st.integers(min_value=0, max_value=PREFIX_SIZE + 300),
+    st.sampled_from(b" \n;a\0"),
+)
+def test_sniff_path_equals_sniff_of_the_prefix(
+    tmp_path_factory: pytest.TempPathFactory, start: bytes, body: bytes, pad: int, fill: int
+) -> None:
+    content = start + body + bytes([fill]) * pad + b"(module)"
+    path = tmp_path_factory.mktemp("prop") / "f"
+    path.write_bytes(content)
+    assert sniff_path(path) == sniff(content[:PREFIX_SIZE])
 
 
 def test_sniff_file_short_reads_and_errors(tmp_path: Path) -> None:

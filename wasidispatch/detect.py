@@ -328,6 +328,7 @@ _OS_ABIS: dict[int, str] = {
 
 _ELF_HEADER_SIZE = {1: 52, 2: 64}  # by EI_CLASS
 _WAT_BLANK = frozenset(b" \t\n\r")
+_TEXT_START = frozenset(b"(; \t\n\r\xef")  # what WebAssembly text may start with (\xef: BOM)
 
 # Detection is a pure function of a short key (the ELF identification and e_type/e_machine,
 # the 8-byte Wasm preamble, the #! line), and Detected is immutable, so results are memoized:
@@ -400,9 +401,7 @@ def sniff(data: bytes | bytearray | memoryview) -> Detected:
             return _sniff_elf(data, key)
     elif first == 0x23 and data[1:2] == b"!":
         return _sniff_script(data)
-    elif (first == 0x28 or first == 0x3B or first in _WAT_BLANK or first == 0xEF) and _is_wat(
-        data[:PREFIX_SIZE]
-    ):  # ( ; blank BOM
+    elif first in _TEXT_START and _is_wat(data[:PREFIX_SIZE]):
         return _WAT
     return _unknown(f"no known signature (starts with {_hex(data)})")
 
@@ -586,6 +585,11 @@ def sniff_file(fileobj: IO[bytes]) -> Detected:
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
+# sniff_path reads this much first: all an ELF header, a Wasm preamble or a #! line needs. Only
+# input starting like WebAssembly text is read further, up to PREFIX_SIZE, so the result is
+# always that of sniff() on the first PREFIX_SIZE bytes.
+_FIRST_READ = SCRIPT_LINE_MAX
+
 
 def _not_regular(path: str | os.PathLike[str], mode: int) -> DetectionError:
     if stat.S_ISDIR(mode):
@@ -606,15 +610,17 @@ def _not_regular(path: str | os.PathLike[str], mode: int) -> DetectionError:
 def sniff_path(
     path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
 ) -> Detected:
-    """Sniff the file at ``path``, reading at most :data:`PREFIX_SIZE` bytes.
+    """Sniff the file at ``path``, reading at most :data:`PREFIX_SIZE` bytes (usually 256).
 
     Without ``root``, ``path`` is a host path and symlinks are followed. With ``root``, ``path``
     is what a container with that root filesystem sees: it is resolved with
     :func:`resolve_in_root` (absolute symlinks stay inside ``root``; a path escaping it raises),
     and the final open refuses a symlink swapped in meanwhile.
 
-    Never blocks: a directory, FIFO, socket or device is refused before it is read (FIFOs are
-    only ever opened with ``O_NONBLOCK``), and what was opened is checked again with ``fstat``.
+    Never blocks, never reads anything but a regular file: the path is opened with
+    ``O_NONBLOCK | O_NOCTTY`` (a FIFO without a writer or a device returns at once, a socket
+    fails to open) and what was opened is checked with ``fstat`` before a byte is read; a
+    directory, FIFO, socket or device gives ``DetectionError``.
 
     Raises :class:`~wasidispatch.errors.DetectionError` for a missing or unreadable path, a
     non-regular file, or an escape from ``root``.
@@ -626,24 +632,32 @@ def sniff_path(
     else:
         target = path
     try:
-        # Refuse non-regular files before opening them: opening some devices has effects.
-        st = os.stat(target)
-        if not stat.S_ISREG(st.st_mode):
-            raise _not_regular(path, st.st_mode)
+        # Open first, then fstat what was opened: no stat-then-open race, one path lookup.
+        # O_NONBLOCK: opening a FIFO without a writer (or a device) returns at once.
         fd = os.open(target, flags)
     except OSError as exc:
+        try:  # a socket (ENXIO) or another non-file: say what it is
+            mode = os.stat(target).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode) from exc
         raise DetectionError(f"cannot open {os.fspath(path)}: {exc.strerror}") from exc
     try:
-        st = os.fstat(fd)  # what we opened, not what we stat'ed before
-        if not stat.S_ISREG(st.st_mode):
+        st = os.fstat(fd)
+        if st.st_mode & 0o170000 != 0o100000:  # not S_ISREG, without the function call
             raise _not_regular(path, st.st_mode)
-        data = os.read(fd, PREFIX_SIZE)
-        # A regular file returns short reads only at EOF; loop for odd filesystems.
-        while 0 < len(data) < PREFIX_SIZE and len(data) < st.st_size:
-            more = os.read(fd, PREFIX_SIZE - len(data))
-            if not more:
-                break
-            data += more
+        data = os.read(fd, _FIRST_READ)
+        n = len(data)
+        # Only WebAssembly text may need more than the first read (comments before the form);
+        # a short read of a regular file is EOF except on odd filesystems. Top up then.
+        if n and (data[0] in _TEXT_START if n == _FIRST_READ else n < st.st_size):
+            while n < PREFIX_SIZE:
+                more = os.read(fd, PREFIX_SIZE - n)
+                if not more:
+                    break
+                data += more
+                n += len(more)
     except OSError as exc:
         raise DetectionError(f"cannot read {os.fspath(path)}: {exc.strerror}") from exc
     finally:
