@@ -37,6 +37,7 @@ import platform
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +178,9 @@ class WasmtimeEngine:
     """Runs WASI preview 1 modules and preview 2 components on wasmtime-py.
 
     ``opt_level`` is Cranelift's (``"none"``, ``"speed"``, ``"speed_and_size"``); it is part
-    of the `fingerprint`.
+    of the `fingerprint`. The last ``cache_size`` compiled binaries are kept in memory by
+    SHA-256, so running the same Wasm again skips compilation (``Timings.compile`` is then
+    only the hashing).
 
     Example::
 
@@ -186,10 +189,17 @@ class WasmtimeEngine:
         True
     """
 
-    def __init__(self, *, opt_level: str = "speed") -> None:
+    def __init__(self, *, opt_level: str = "speed", cache_size: int = 16) -> None:
         if opt_level not in ("none", "speed", "speed_and_size"):
             raise EngineError(f"unknown Cranelift opt_level {opt_level!r}")
+        if cache_size < 0:
+            raise EngineError(f"cache_size must not be negative, got {cache_size}")
         self._opt_level = opt_level
+        self._cache_size = cache_size
+        # Compiled modules/components by (profile, SHA-256 of the Wasm), most recent last.
+        self._compiled: OrderedDict[tuple[_Profile, bytes], wasmtime.Module | wtc.Component] = (
+            OrderedDict()
+        )
         self._runtimes: dict[_Profile, _Runtime] = {}
         self._lock = threading.Lock()
         self._fingerprint: str | None = None
@@ -351,7 +361,18 @@ class WasmtimeEngine:
         except OSError as exc:
             raise CompileError(f"cannot read the Wasm binary: {exc}") from exc
         kind = wasm_kind(wasm)
-        return kind, self._compile(runtime, kind, wasm)
+        key = (profile, hashlib.sha256(wasm).digest())
+        with self._lock:
+            cached = self._compiled.get(key)
+            if cached is not None:
+                self._compiled.move_to_end(key)
+                return kind, cached
+        compiled = self._compile(runtime, kind, wasm)
+        with self._lock:
+            self._compiled[key] = compiled
+            while len(self._compiled) > self._cache_size:
+                self._compiled.popitem(last=False)
+        return kind, compiled
 
     # -- WASI context ----------------------------------------------------------------------
 
