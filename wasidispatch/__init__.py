@@ -58,6 +58,15 @@ _EXPORTS: dict[str, str] = {
     "EngineInfo": "wasidispatch.engines",
     "WasmerEngine": "wasidispatch.engines.wasmer",
     "WasmtimeEngine": "wasidispatch.engines.wasmtime",
+    # the cffi fast path (wasmtime-fast)
+    "CallResult": "wasidispatch.engines._wasmtime_cffi._fast",
+    "FastWasmtime": "wasidispatch.engines._wasmtime_cffi._fast",
+    "FastWasmtimeEngine": "wasidispatch.engines._wasmtime_cffi._engine",
+    "PreparedModule": "wasidispatch.engines._wasmtime_cffi._fast",
+    # test harness helper
+    "HarnessResult": "wasidispatch.testing",
+    "WasiRun": "wasidispatch.testing",
+    "run_wasm": "wasidispatch.testing",
     # precompile cache
     "CacheEntry": "wasidispatch.cache",
     "CacheStats": "wasidispatch.cache",
@@ -92,6 +101,12 @@ if TYPE_CHECKING:
         Verdict,
         Workload,
     )
+    from wasidispatch.engines._wasmtime_cffi._engine import FastWasmtimeEngine
+    from wasidispatch.engines._wasmtime_cffi._fast import (
+        CallResult,
+        FastWasmtime,
+        PreparedModule,
+    )
     from wasidispatch.engines.wasmer import WasmerEngine
     from wasidispatch.engines.wasmtime import WasmtimeEngine
     from wasidispatch.errors import (
@@ -107,6 +122,7 @@ if TYPE_CHECKING:
         SpecError,
         WasiDispatchError,
     )
+    from wasidispatch.testing import HarnessResult, WasiRun, run_wasm
 
 
 def __getattr__(name: str) -> Any:

@@ -28,6 +28,7 @@ wasmtime's exceptions and `RunResult`/wasidispatch errors. How the odd parts are
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -37,6 +38,7 @@ import platform
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -174,6 +176,17 @@ class _Runtime:
             return self._component_linker
 
 
+_LIVE_ENGINES: weakref.WeakSet[WasmtimeEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_at_exit() -> None:
+    # Free compiled modules and engines while wasmtime's ctypes bindings still exist; at
+    # interpreter teardown their finalizers would otherwise find them gone and complain.
+    for engine in list(_LIVE_ENGINES):
+        engine.close()
+
+
 class WasmtimeEngine:
     """Runs WASI preview 1 modules and preview 2 components on wasmtime-py.
 
@@ -203,6 +216,13 @@ class WasmtimeEngine:
         self._runtimes: dict[_Profile, _Runtime] = {}
         self._lock = threading.Lock()
         self._fingerprint: str | None = None
+        _LIVE_ENGINES.add(self)
+
+    def close(self) -> None:
+        """Drop compiled modules and wasmtime engines (idempotent; later runs rebuild them)."""
+        with self._lock:
+            self._compiled.clear()
+            self._runtimes.clear()
 
     # -- the Engine protocol -------------------------------------------------------------
 
