@@ -811,3 +811,17 @@ def test_cli_warms_a_bundle_and_a_layout(
     (bundle / "rootfs" / "bin" / "hello.wasm").write_bytes(b"#!/bin/sh\necho hi\n")
     assert main(["cache", "warm", "--dir", d, str(bundle)]) == 1
     assert "is not Wasm (detected script)" in capsys.readouterr().err
+
+
+def test_failing_housekeeping_does_not_fail_a_committed_entry(
+    cache: PrecompileCache, hello: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    (cache.directory / "v1" / "stats.json").mkdir()  # the counters cannot be written
+    with caplog.at_level(logging.WARNING, logger="wasidispatch.cache"):
+        art = cache.artifact(Fake(), hello)
+    assert art is not None
+    assert not art.hit
+    assert "housekeeping failed" in caplog.text
+    assert cache.session_stats().misses == 1
+    with pytest.raises(CacheError, match="cannot update cache counters"):
+        cache.stats()

@@ -78,13 +78,15 @@ Example (with any engine; here the smallest one that can precompile)::
     ...     capabilities = Capabilities(precompile=True)
     ...     def fingerprint(self) -> str: return "echo 1"
     ...     def precompile(self, wasm: bytes) -> bytes: return wasm[::-1]
-    >>> cache = PrecompileCache(tempfile.mkdtemp(), max_bytes=1 << 20)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> cache = PrecompileCache(tmp.name, max_bytes=1 << 20)
     >>> first = cache.artifact(Echo(), b"\\0asm\\1\\0\\0\\0")
     >>> second = cache.artifact(Echo(), b"\\0asm\\1\\0\\0\\0")
     >>> (first.hit, second.hit, second.path == first.path, first.path.read_bytes()[:2])
     (False, True, True, b'\\x00\\x00')
     >>> s = cache.stats(); (s.hits, s.misses, s.entries)
     (1, 1, 1)
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -587,8 +589,12 @@ class PrecompileCache:
             self._counters.add("misses")
         finally:
             lock.release()
-        self._evict(keep=key)
-        self._counters.flush(self._base)
+        # The entry is committed; trimming and counting are housekeeping that must not fail it.
+        try:
+            self._evict(keep=key)
+            self._counters.flush(self._base)
+        except (OSError, CacheError) as exc:
+            log.warning("precompile cache housekeeping failed in %s: %s", self._base, exc)
         return result
 
     def with_precompiled(
@@ -627,7 +633,10 @@ class PrecompileCache:
                 os.utime(self._entries / f"{key}.json", ns=(now, now))
         self._counters.add("hits")
         if time.monotonic_ns() - self._counters.last_flush_ns >= _FLUSH_HITS_EVERY_NS:
-            self._counters.flush(self._base)
+            try:
+                self._counters.flush(self._base)
+            except CacheError as exc:  # counts are kept for the next try; the hit stands
+                log.warning("%s", exc)
 
     # -- reading and writing entries ----------------------------------------------------------
 
