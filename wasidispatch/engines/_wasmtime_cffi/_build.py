@@ -30,6 +30,7 @@ typedef struct wasm_valtype_t wasm_valtype_t;
 typedef struct wasm_functype_t wasm_functype_t;
 typedef struct wasm_externtype_t wasm_externtype_t;
 typedef struct wasm_exporttype_t wasm_exporttype_t;
+typedef struct wasm_importtype_t wasm_importtype_t;
 typedef uint8_t wasm_valkind_t;
 typedef uint8_t wasm_externkind_t;
 
@@ -40,10 +41,14 @@ typedef struct wasm_valtype_vec_t { size_t size; wasm_valtype_t **data; } wasm_v
 typedef struct wasm_exporttype_vec_t {
     size_t size; wasm_exporttype_t **data;
 } wasm_exporttype_vec_t;
+typedef struct wasm_importtype_vec_t {
+    size_t size; wasm_importtype_t **data;
+} wasm_importtype_vec_t;
 
 void wasm_byte_vec_new(wasm_byte_vec_t *out, size_t size, const uint8_t *data);
 void wasm_byte_vec_delete(wasm_byte_vec_t *vec);
 void wasm_exporttype_vec_delete(wasm_exporttype_vec_t *vec);
+void wasm_importtype_vec_delete(wasm_importtype_vec_t *vec);
 
 wasm_config_t *wasm_config_new(void);
 void wasm_config_delete(wasm_config_t *config);
@@ -60,6 +65,7 @@ const wasm_functype_t *wasm_externtype_as_functype_const(const wasm_externtype_t
 const wasm_valtype_vec_t *wasm_functype_params(const wasm_functype_t *ft);
 const wasm_valtype_vec_t *wasm_functype_results(const wasm_functype_t *ft);
 wasm_valkind_t wasm_valtype_kind(const wasm_valtype_t *ty);
+const wasm_name_t *wasm_importtype_module(const wasm_importtype_t *it);
 
 /* ---- wasi.h ---------------------------------------------------------------------------- */
 typedef struct wasi_config_t wasi_config_t;
@@ -126,6 +132,7 @@ wasmtime_error_t *wasmtime_module_new(wasm_engine_t *engine, const uint8_t *wasm
                                       wasmtime_module_t **ret);
 void wasmtime_module_delete(wasmtime_module_t *m);
 void wasmtime_module_exports(const wasmtime_module_t *module, wasm_exporttype_vec_t *out);
+void wasmtime_module_imports(const wasmtime_module_t *module, wasm_importtype_vec_t *out);
 wasmtime_error_t *wasmtime_module_serialize(wasmtime_module_t *module, wasm_byte_vec_t *ret);
 wasmtime_error_t *wasmtime_module_deserialize(wasm_engine_t *engine, const uint8_t *bytes,
                                               size_t len, wasmtime_module_t **ret);

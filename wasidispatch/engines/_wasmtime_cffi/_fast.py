@@ -229,10 +229,10 @@ class FastWasmtime:
             self._fingerprint = hashlib.sha256(blob).hexdigest()
         return self._fingerprint
 
-    def precompile(self, wasm: bytes) -> bytes:
+    def precompile(self, wasm: bytes | bytearray) -> bytes:
         """Compile a core module ahead of time, in wasidispatch's verified envelope (for
         `prepare`'s ``precompiled`` or `Workload.precompiled` on ``wasmtime-fast``)."""
-        if wasm_kind(wasm) != "module":
+        if wasm_kind(bytes(wasm[:8])) != "module":
             raise CantHandle("the wasmtime fast path runs core modules only, not components")
         module = _native.compile_module(self._loaded, self._engine, wasm)
         payload = _native.serialize_module(self._loaded, module)
@@ -240,7 +240,7 @@ class FastWasmtime:
 
     def prepare(
         self,
-        wasm: bytes | Path | None = None,
+        wasm: bytes | bytearray | Path | None = None,
         *,
         precompiled: bytes | Path | None = None,
         wasi: bool = True,
@@ -268,8 +268,8 @@ class FastWasmtime:
             module = _native.deserialize_module(loaded, self._engine, artifact.payload)
         else:
             assert wasm is not None
-            code = _native.read_path(wasm) if isinstance(wasm, Path) else bytes(wasm)
-            if wasm_kind(code) != "module":
+            code = _native.read_path(wasm) if isinstance(wasm, Path) else wasm
+            if wasm_kind(bytes(code[:8])) != "module":
                 raise CantHandle("the wasmtime fast path runs core modules only, not components")
             module = _native.compile_module(loaded, self._engine, code)
         return PreparedModule(self, module, wasi=wasi)
@@ -367,6 +367,10 @@ class PreparedModule:
                     tuple(_Slot.make(ffi, i, k) for i, k in enumerate(sig.results)),
                 )
         self._memories = tuple(name.encode("utf-8") for name in memories)
+        # Host functions of WASI reach for the store's WASI context, and wasmtime aborts the
+        # process when there is none: a `call` into a module that imports anything (with
+        # wasi=True, WASI is all the linker has) gets an empty context in its store.
+        self._call_needs_wasi = wasi and bool(_native.import_modules(loaded, module))
         linked = _native.link(loaded, engine._engine, module, wasi=wasi)
         self._module: CData | None = module
         self._linker: CData | None = linked.linker
@@ -430,8 +434,10 @@ class PreparedModule:
     def call(self, name: str, *args: WasmValue, limits: Limits | None = None) -> CallResult:
         """Instantiate afresh, call export ``name`` with ``args``, drop the instance.
 
-        Parameters and results are i32/i64 (int) and f32/f64 (float). A trap, an exit, a
-        timeout or a memory cap are a `CallResult`, not an exception; `EngineError` is
+        Parameters and results are i32/i64 (int) and f32/f64 (float). A module that imports
+        WASI sees an empty WASI context (no arguments, environment, files; stdio discarded):
+        use `run_wasi` with ``entry`` for more. A trap, an exit, a timeout or a memory cap
+        are a `CallResult`, not an exception; `EngineError` is
         raised for a missing export, wrong arguments, or a closed module, `CantHandle` for
         limits this engine's configuration cannot enforce.
         """
@@ -474,6 +480,8 @@ class PreparedModule:
             raise EngineError("wasmtime could not create a store")
         try:
             ctx = lib.wasmtime_store_context(store)
+            if self._call_needs_wasi:
+                self._set_empty_wasi(ctx)
             if self._epoch:
                 lib.wasmtime_context_set_epoch_deadline(ctx, _NEVER)
             if self._fuel:
@@ -615,6 +623,8 @@ class PreparedModule:
             raise EngineError("wasmtime could not create a store")
         try:
             ctx = lib.wasmtime_store_context(store)
+            if wasi is None and self._call_needs_wasi:
+                self._set_empty_wasi(ctx)
             if wasi is not None:
                 err = lib.wasmtime_context_set_wasi(ctx, wasi)  # takes wasi, even on error
                 wasi = None
@@ -680,6 +690,17 @@ class PreparedModule:
             message, code = _native.trap_info(loaded, trapp[0])
             return self._classify(message, code, limits, ctx, scratch)
         return None
+
+    def _set_empty_wasi(self, ctx: CData) -> None:
+        """Give the store a WASI context with no arguments, environment, files or stdio."""
+        loaded = self._loaded
+        wasi = loaded.lib.wasi_config_new()
+        if wasi == loaded.ffi.NULL:
+            raise EngineError("wasmtime could not allocate a WASI configuration")
+        err = loaded.lib.wasmtime_context_set_wasi(ctx, wasi)  # takes wasi, even on error
+        if err != loaded.ffi.NULL:
+            message, _ = _native.error_info(loaded, err)
+            raise EngineError(f"wasmtime refused the WASI configuration: {message}")
 
     def _set_fuel(self, ctx: CData, fuel: int) -> None:
         loaded = self._loaded
@@ -755,7 +776,7 @@ class PreparedModule:
             cap is not None
             and ctx is not None
             and scratch is not None
-            and any(size + _PAGE > cap for size in self._memory_sizes(ctx, scratch))
+            and any(size >= cap - max(cap // 4, _PAGE) for size in self._memory_sizes(ctx, scratch))
         ):
             return (
                 TRAP_EXIT_CODE,

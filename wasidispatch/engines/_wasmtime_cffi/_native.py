@@ -24,6 +24,7 @@ __all__ = [
     "compile_module",
     "deserialize_module",
     "error_info",
+    "import_modules",
     "module_exports",
     "new_engine",
     "serialize_module",
@@ -165,11 +166,12 @@ def new_engine(loaded: Loaded, config: EngineConfig) -> CData:
     return ffi.gc(engine, lib.wasm_engine_delete)
 
 
-def compile_module(loaded: Loaded, engine: CData, wasm: bytes) -> CData:
+def compile_module(loaded: Loaded, engine: CData, wasm: bytes | bytearray | memoryview) -> CData:
     """Compile a core module; `CompileError` for invalid Wasm."""
     ffi, lib = loaded.ffi, loaded.lib
     out = ffi.new("wasmtime_module_t **")
-    err = lib.wasmtime_module_new(engine, wasm, len(wasm), out)
+    data = ffi.from_buffer("uint8_t[]", wasm)
+    err = lib.wasmtime_module_new(engine, data, len(data), out)
     if err != ffi.NULL:
         _raise_error(loaded, err, CompileError, "invalid WebAssembly module")
     return ffi.gc(out[0], lib.wasmtime_module_delete)
@@ -180,7 +182,7 @@ def deserialize_module(loaded: Loaded, engine: CData, artifact: bytes | memoryvi
     wasmtime refuses it. Only verified, self-made artifacts may reach this function."""
     ffi, lib = loaded.ffi, loaded.lib
     out = ffi.new("wasmtime_module_t **")
-    data = ffi.from_buffer(artifact)
+    data = ffi.from_buffer("uint8_t[]", artifact)
     err = lib.wasmtime_module_deserialize(engine, data, len(data), out)
     if err != ffi.NULL:
         _raise_error(loaded, err, IncompatibleArtifact, "wasmtime refused the precompiled artifact")
@@ -231,6 +233,21 @@ def module_exports(loaded: Loaded, module: CData) -> tuple[dict[str, FuncSig], t
     finally:
         lib.wasm_exporttype_vec_delete(vec)
     return funcs, tuple(memories)
+
+
+def import_modules(loaded: Loaded, module: CData) -> frozenset[str]:
+    """The module names the module imports from (e.g. ``wasi_snapshot_preview1``)."""
+    ffi, lib = loaded.ffi, loaded.lib
+    vec = ffi.new("wasm_importtype_vec_t *")
+    lib.wasmtime_module_imports(module, vec)
+    try:
+        names = set()
+        for i in range(vec.size):
+            name = lib.wasm_importtype_module(vec.data[i])
+            names.add(bytes(ffi.buffer(name.data, name.size)).decode("utf-8", "replace"))
+        return frozenset(names)
+    finally:
+        lib.wasm_importtype_vec_delete(vec)
 
 
 @dataclass(frozen=True, slots=True)
