@@ -54,7 +54,10 @@ Size and eviction
     ``max_bytes`` bounds the sum of artifact sizes; after each insertion the least recently
     used entries go first. "Used" is the record's mtime, set explicitly (not atime, which
     relatime makes unreliable) on creation and on hits (at most once a second per entry and
-    instance). The entry just written is never evicted by its own insertion.
+    instance). The entry just written is never evicted by its own insertion. Another process
+    may evict an entry between its hand-out and the engine opening the path; the engine then
+    fails to read it (wasmtime: `IncompatibleArtifact`), and asking the cache again recompiles.
+    A bound of many artifacts, not a few, keeps that rare.
 
 Counters
     `PrecompileCache.stats` returns counters persisted in ``stats.json`` across processes and
