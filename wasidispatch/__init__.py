@@ -72,6 +72,14 @@ _EXPORTS: dict[str, str] = {
     "CacheStats": "wasidispatch.cache",
     "CachedArtifact": "wasidispatch.cache",
     "PrecompileCache": "wasidispatch.cache",
+    # executors
+    "Decision": "wasidispatch.executor",
+    "DispatchExecutor": "wasidispatch.executor",
+    "Evidence": "wasidispatch.executor",
+    "Executor": "wasidispatch.executor",
+    "LinuxExecutor": "wasidispatch.executor",
+    "WasmExecutor": "wasidispatch.executor",
+    "decide": "wasidispatch.executor",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -80,6 +88,13 @@ if TYPE_CHECKING:
     from typing import Any
 
     from wasidispatch.cache import CachedArtifact, CacheEntry, CacheStats, PrecompileCache
+    from wasidispatch.executor import Decision as Decision
+    from wasidispatch.executor import DispatchExecutor as DispatchExecutor
+    from wasidispatch.executor import Evidence as Evidence
+    from wasidispatch.executor import Executor as Executor
+    from wasidispatch.executor import LinuxExecutor as LinuxExecutor
+    from wasidispatch.executor import WasmExecutor as WasmExecutor
+    from wasidispatch.executor import decide as decide
     from wasidispatch.detect import Detected as Detected
     from wasidispatch.detect import ElfInfo as ElfInfo
     from wasidispatch.detect import ScriptInfo as ScriptInfo

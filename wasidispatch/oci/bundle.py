@@ -100,8 +100,8 @@ class Bundle:
         except DetectionError as exc:
             raise SpecError(f"{self.config_path}: {exc}") from exc
 
-    def resolve_entrypoint(self) -> Path:
-        """The host path of the file ``process.args[0]`` names inside the rootfs.
+    def resolve_entrypoint(self, name: str | None = None) -> Path:
+        """The host path of the file ``process.args[0]`` (or ``name``) names inside the rootfs.
 
         A name with a ``/`` is taken as a path (relative to ``process.cwd``) and must be a
         regular file. A bare name is searched in the spec's ``PATH`` (runc's default when
@@ -109,9 +109,10 @@ class Bundle:
         followed inside the rootfs; one that would leave it raises :class:`SpecError`.
         """
         process = self.spec.process
-        if process is None or not process.args:
-            raise SpecError(f"{self.config_path}: process.args: nothing to run")
-        name = process.args[0]
+        if name is None:
+            if process is None or not process.args:
+                raise SpecError(f"{self.config_path}: process.args: nothing to run")
+            name = process.args[0]
         if not name:
             raise SpecError(f"{self.config_path}: process.args.0: empty")
         if "/" in name:

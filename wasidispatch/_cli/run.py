@@ -1,0 +1,65 @@
+"""``wasidispatch run BUNDLE``: run a bundle where its bytes say; exit with its exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``run`` subcommand."""
+    parser = sub.add_parser(
+        "run",
+        help="run an OCI bundle: Wasm in-process, Linux through runc",
+        description="Run an OCI runtime bundle. The entrypoint's bytes pick the executor: Wasm "
+        "runs in-process on a Wasm engine, a Linux binary is handed to an OCI runtime. Exits "
+        "with the container's exit code.",
+    )
+    parser.add_argument("bundle", help="bundle directory (config.json + rootfs)")
+    parser.add_argument("--engine", action="append", help="Wasm engine (repeat for fallbacks)")
+    parser.add_argument("--runtime", default="runc", help="OCI runtime for Linux containers")
+    parser.add_argument("--id", dest="container_id", help="container id for the OCI runtime")
+    parser.add_argument("--cache", metavar="DIR", help="precompile cache directory")
+    parser.add_argument("--no-cache", action="store_true", help="do not use a precompile cache")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="print the decision and wall time on stderr"
+    )
+    parser.set_defaults(func=run)
+
+
+def build_executor(args: argparse.Namespace) -> object:
+    """The `DispatchExecutor` the options describe (shared with ``explain``)."""
+    from wasidispatch.executor import DispatchExecutor, LinuxExecutor, WasmExecutor
+
+    cache = None
+    if not getattr(args, "no_cache", True):
+        from wasidispatch.cache import PrecompileCache
+
+        cache = PrecompileCache(args.cache) if args.cache else PrecompileCache()
+    engines = tuple(args.engine) if args.engine else None
+    return DispatchExecutor([WasmExecutor(engines, cache=cache), LinuxExecutor(args.runtime)])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bundle; the process exits with the container's exit code."""
+    import time
+
+    from wasidispatch.executor import DispatchExecutor, LinuxExecutor
+    from wasidispatch.oci.bundle import Bundle
+
+    start = time.perf_counter()
+    executor = build_executor(args)
+    assert isinstance(executor, DispatchExecutor)
+    bundle = Bundle.load(args.bundle)
+    decision = executor.explain(bundle)
+    if args.verbose:
+        print(f"wasidispatch: {decision.executor}: {decision.reason}", file=sys.stderr)
+    chosen = next(e for e in executor.executors if e.name == decision.executor)
+    if isinstance(chosen, LinuxExecutor) and args.container_id:
+        code = chosen.exec(bundle, container_id=args.container_id)
+    else:
+        code = chosen.exec(bundle)
+    if args.verbose:
+        elapsed = (time.perf_counter() - start) * 1000
+        print(f"wasidispatch: exit code {code} in {elapsed:.1f} ms", file=sys.stderr)
+    return code
