@@ -134,7 +134,7 @@ def test_interrupted_write_leaves_no_visible_blob(layout: ImageLayout) -> None:
 
     before = _visible_blobs(layout)
     with pytest.raises(OSError, match="connection reset"):
-        layout.write_blob(Broken())  # type: ignore[arg-type]
+        layout.write_blob(Broken())
     assert _visible_blobs(layout) == before  # no blob and no temporary file left
 
 

@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "WasmLayer": "wasidispatch.oci.layout",
     "pack_wasm": "wasidispatch.oci.layout",
     "wasm_layers": "wasidispatch.oci.layout",
+    "pull": "wasidispatch.oci.registry",
+    "push": "wasidispatch.oci.registry",
 }
 
 __all__ = [
@@ -56,6 +58,8 @@ __all__ = [
     "WasmConfig",
     "WasmLayer",
     "pack_wasm",
+    "pull",
+    "push",
     "wasm_layers",
 ]
 
@@ -71,6 +75,7 @@ if TYPE_CHECKING:
         Platform,
     )
     from wasidispatch.oci.layout import ImageLayout, WasmLayer, pack_wasm, wasm_layers
+    from wasidispatch.oci.registry import pull, push
     from wasidispatch.oci.runtime import Features, Process, Spec, State
     from wasidispatch.oci.wasm import WasmConfig
 

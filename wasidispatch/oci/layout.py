@@ -358,18 +358,19 @@ class ImageLayout:
 
     def write_blob(
         self,
-        content: bytes | BinaryIO,
+        content: bytes | BinaryIO | io.RawIOBase,
         *,
         media_type: str = "application/octet-stream",
         expected: Digest | str | None = None,
+        size: int | None = None,
         algorithm: str = "sha256",
         annotations: Mapping[str, str] | None = None,
     ) -> Descriptor:
         """Store ``content`` (bytes or a binary stream) and return its descriptor.
 
         The bytes go to a temporary file next to the final path, are fsynced, then renamed; a
-        failure or interruption leaves no visible blob. With ``expected``, content whose
-        digest differs raises :class:`SpecError` and nothing is stored.
+        failure or interruption leaves no visible blob. With ``expected`` (and ``size``),
+        content whose digest (or length) differs raises :class:`SpecError`; nothing is stored.
         """
         want = None if expected is None else Digest.parse(str(expected))
         algorithm = want.algorithm if want is not None else algorithm
@@ -377,21 +378,25 @@ class ImageLayout:
         directory = self.path / "blobs" / algorithm
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        size = 0
+        written = 0
         try:
             with os.fdopen(fd, "wb") as out:
                 if isinstance(content, bytes | bytearray | memoryview):
                     out.write(content)
                     hasher.update(content)
-                    size = len(content)
+                    written = len(content)
                 else:
                     while chunk := content.read(_CHUNK):
                         out.write(chunk)
                         hasher.update(chunk)
-                        size += len(chunk)
+                        written += len(chunk)
+                        if size is not None and written > size:
+                            raise SpecError(f"blob is larger than the expected {size} bytes")
                 out.flush()
                 os.fsync(out.fileno())
             digest = Digest(f"{algorithm}:{hasher.hexdigest()}")
+            if size is not None and written != size:
+                raise SpecError(f"blob size mismatch: expected {size} bytes, got {written}")
             if want is not None and digest != want:
                 raise SpecError(f"blob digest mismatch: expected {want}, content is {digest}")
             final = self.blob_path(digest)
@@ -402,7 +407,7 @@ class ImageLayout:
                 os.unlink(tmp)
             raise
         _fsync_dir(directory)
-        descriptor = Descriptor(media_type=media_type, digest=digest, size=size)
+        descriptor = Descriptor(media_type=media_type, digest=digest, size=written)
         if annotations:
             descriptor.annotations = dict(annotations)
         return descriptor
