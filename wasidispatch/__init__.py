@@ -80,6 +80,23 @@ _EXPORTS: dict[str, str] = {
     "LinuxExecutor": "wasidispatch.executor",
     "WasmExecutor": "wasidispatch.executor",
     "decide": "wasidispatch.executor",
+    # OCI models, layouts, bundles, registries (pydantic is imported on first use)
+    "Bundle": "wasidispatch.oci.bundle",
+    "Descriptor": "wasidispatch.oci.image",
+    "Digest": "wasidispatch.oci.image",
+    "ImageConfig": "wasidispatch.oci.image",
+    "ImageLayout": "wasidispatch.oci.layout",
+    "Index": "wasidispatch.oci.image",
+    "Manifest": "wasidispatch.oci.image",
+    "Platform": "wasidispatch.oci.image",
+    "Process": "wasidispatch.oci.runtime",
+    "Spec": "wasidispatch.oci.runtime",
+    "WasmConfig": "wasidispatch.oci.wasm",
+    "WasmLayer": "wasidispatch.oci.layout",
+    "pack_wasm": "wasidispatch.oci.layout",
+    "pull": "wasidispatch.oci.registry",
+    "push": "wasidispatch.oci.registry",
+    "wasm_layers": "wasidispatch.oci.layout",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -137,6 +154,19 @@ if TYPE_CHECKING:
         SpecError,
         WasiDispatchError,
     )
+    from wasidispatch.oci.bundle import Bundle
+    from wasidispatch.oci.image import (
+        Descriptor,
+        Digest,
+        ImageConfig,
+        Index,
+        Manifest,
+        Platform,
+    )
+    from wasidispatch.oci.layout import ImageLayout, WasmLayer, pack_wasm, wasm_layers
+    from wasidispatch.oci.registry import pull, push
+    from wasidispatch.oci.runtime import Process, Spec
+    from wasidispatch.oci.wasm import WasmConfig
     from wasidispatch.testing import HarnessResult, WasiRun, run_wasm
 
 
