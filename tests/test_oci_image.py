@@ -167,9 +167,11 @@ def test_malformed_json_is_spec_error(tmp_path: Path) -> None:
 # --- Manifest / Index / layout header ------------------------------------------------------
 
 
-def test_manifest_built_in_python_serializes_schema_version() -> None:
+def test_manifest_built_in_python_round_trips() -> None:
     empty = Descriptor(media_type=MEDIA_TYPE_EMPTY, digest=Digest.of(b"{}"), size=2)
-    m = Manifest(media_type=MEDIA_TYPE_IMAGE_MANIFEST, config=empty, layers=[empty])
+    m = Manifest(
+        schema_version=2, media_type=MEDIA_TYPE_IMAGE_MANIFEST, config=empty, layers=[empty]
+    )
     doc = json.loads(m.to_json())
     assert doc["schemaVersion"] == 2
     assert doc["config"]["digest"] == Digest.of(b"{}")
@@ -198,8 +200,15 @@ def test_unknown_fields_survive_at_every_level() -> None:
     assert Index.parse(index.to_json()).dump() == doc
 
 
-def test_layout_header_default_serializes_version() -> None:
-    assert LayoutHeader().dump() == {"imageLayoutVersion": "1.0.0"}
+def test_required_versions_have_no_defaults() -> None:
+    # The schemas require them; a document that leaves them out is invalid.
+    assert LayoutHeader(image_layout_version="1.0.0").dump() == {"imageLayoutVersion": "1.0.0"}
+    with pytest.raises(SpecError, match="imageLayoutVersion: Field required"):
+        LayoutHeader.parse(b"{}")
+    with pytest.raises(SpecError, match="schemaVersion: Field required"):
+        Manifest.parse({"config": _descriptor(), "layers": [_descriptor()]})
+    with pytest.raises(SpecError, match="schemaVersion: Field required"):
+        Index.parse({"manifests": []})
     with pytest.raises(SpecError, match="imageLayoutVersion"):
         LayoutHeader.parse({"imageLayoutVersion": "2.0.0"})
 

@@ -251,6 +251,7 @@ def test_tag_refuses_a_missing_blob(layout: ImageLayout) -> None:
 def test_resolve_goes_through_a_single_manifest_index(layout: ImageLayout, module: bytes) -> None:
     inner = pack_wasm(layout, module, "inner", created=None)
     index = Index(
+        schema_version=2,
         media_type=MEDIA_TYPE_IMAGE_INDEX,
         manifests=[inner.model_copy(update={"annotations": None})],
     )
@@ -346,6 +347,7 @@ def _write_image(
     )
     config_desc = layout.write_blob(config.to_json(), media_type=MEDIA_TYPE_IMAGE_CONFIG)
     manifest = Manifest(
+        schema_version=2,
         media_type=MEDIA_TYPE_IMAGE_MANIFEST,
         config=config_desc,
         layers=[layer],

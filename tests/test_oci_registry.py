@@ -215,3 +215,17 @@ def test_corrupted_registry_content_leaves_nothing_half_written(
         assert not [p for p in (dst / "blobs" / "sha256").iterdir() if p.name.startswith(".tmp")]
     finally:
         data.write_bytes(original)
+
+
+def test_cli_push_and_pull(
+    registry: LocalRegistry, packed: ImageLayout, tmp_path: Path, module: bytes
+) -> None:
+    from wasidispatch.cli import main
+
+    ref = f"{registry.address}/cli/app:v1"
+    assert main(["push", f"{packed.path}:v1", ref]) == 0  # loopback: plain HTTP by default
+    assert main(["pull", ref, str(tmp_path / "dst")]) == 0
+    dst = ImageLayout.open(tmp_path / "dst")
+    assert dst.resolve("v1")[0].digest == packed.resolve("v1")[0].digest
+    assert wasm_layers(dst, "v1")[0].read_bytes() == module
+    assert main(["pull", f"{registry.address}/cli/absent:v1", str(tmp_path / "x")]) == 1

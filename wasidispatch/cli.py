@@ -16,7 +16,17 @@ from wasidispatch import __version__
 from wasidispatch.errors import WasiDispatchError
 
 # Order here is the order in ``--help``. Add a subcommand by adding its module name.
-_SUBCOMMANDS: tuple[str, ...] = ("run", "explain", "detect", "cache", "engines")
+_SUBCOMMANDS: tuple[str, ...] = (
+    "run",
+    "explain",
+    "detect",
+    "inspect",
+    "pack",
+    "pull",
+    "push",
+    "cache",
+    "engines",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

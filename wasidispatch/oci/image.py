@@ -241,18 +241,15 @@ class Descriptor(OCIModel):
 
 
 class _VersionedDocument(OCIModel):
-    schema_version: Literal[2] = 2
-
-    def model_post_init(self, context: Any, /) -> None:
-        # schemaVersion is required by the schema: always serialize it, even when defaulted.
-        self.model_fields_set.add("schema_version")
+    # Required, as in the schema (no default: a document without it must not validate).
+    schema_version: Literal[2]
 
 
 class Manifest(_VersionedDocument):
     """An image manifest (image or artifact): a config descriptor and at least one layer.
 
     >>> cfg = Descriptor(media_type=MEDIA_TYPE_EMPTY, digest=Digest.of(b"{}"), size=2)
-    >>> m = Manifest(media_type=MEDIA_TYPE_IMAGE_MANIFEST, config=cfg, layers=[cfg])
+    >>> m = Manifest(schema_version=2, config=cfg, layers=[cfg])
     >>> m.dump()["schemaVersion"], Manifest.parse(m.to_json()) == m
     (2, True)
     """
@@ -278,10 +275,7 @@ class Index(_VersionedDocument):
 class LayoutHeader(OCIModel):
     """The ``oci-layout`` file of an image layout: ``{"imageLayoutVersion": "1.0.0"}``."""
 
-    image_layout_version: Literal["1.0.0"] = "1.0.0"
-
-    def model_post_init(self, context: Any, /) -> None:
-        self.model_fields_set.add("image_layout_version")
+    image_layout_version: Literal["1.0.0"]
 
 
 class ImageConfigRunConfig(OCIModel):

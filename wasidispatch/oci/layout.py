@@ -239,9 +239,9 @@ class ImageLayout:
             raise SpecError(f"{root}: cannot create image layout: {exc.strerror}") from exc
         layout = cls(root)
         if not (root / "oci-layout").exists():
-            _atomic_write(root / "oci-layout", LayoutHeader().to_json())
+            _atomic_write(root / "oci-layout", LayoutHeader(image_layout_version="1.0.0").to_json())
         if not (root / "index.json").exists():
-            _atomic_write(root / "index.json", Index(manifests=[]).to_json())
+            _atomic_write(root / "index.json", Index(schema_version=2, manifests=[]).to_json())
         return cls.open(layout.path)
 
     @classmethod
@@ -499,7 +499,9 @@ def pack_wasm(
         fields["component"] = component
     config = WasmConfig.model_validate(fields)
     config_desc = layout.write_blob(config.to_json(), media_type=MEDIA_TYPE_WASM_CONFIG)
-    manifest = Manifest(media_type=MEDIA_TYPE_IMAGE_MANIFEST, config=config_desc, layers=[layer])
+    manifest = Manifest(
+        schema_version=2, media_type=MEDIA_TYPE_IMAGE_MANIFEST, config=config_desc, layers=[layer]
+    )
     if annotations:
         manifest.annotations = dict(annotations)
     manifest_desc = layout.write_blob(manifest.to_json(), media_type=MEDIA_TYPE_IMAGE_MANIFEST)

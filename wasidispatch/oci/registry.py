@@ -12,8 +12,8 @@ refused, or content that does not match its digest/size or is not a valid OCI do
 :class:`~wasidispatch.errors.SpecError` is chained). Progress is shown on standard error for
 long transfers when it is a terminal.
 
-``plain_http=True`` talks HTTP instead of HTTPS (for a local registry such as
-``127.0.0.1:5000``).
+``plain_http=True`` talks HTTP instead of HTTPS; the default (``None``) does so only for a
+loopback registry (``localhost``, ``127.0.0.1``, ``[::1]``), as Docker and containerd do.
 """
 
 from __future__ import annotations
@@ -129,17 +129,29 @@ def _check_reference(ref: str, container: Any) -> None:
             raise RegistryError(f"invalid reference {ref!r}: {exc}") from exc
 
 
+def _is_loopback(registry: str) -> bool:
+    """``localhost[:port]``, ``127.0.0.1[:port]`` or ``[::1][:port]``.
+
+    >>> _is_loopback("127.0.0.1:5000"), _is_loopback("[::1]:80"), _is_loopback("ghcr.io")
+    (True, True, False)
+    """
+    host = registry.split("]")[0] + "]" if registry.startswith("[") else registry.split(":")[0]
+    return host in ("localhost", "127.0.0.1", "[::1]")
+
+
 class _Client:
     """One repository of one registry, through oras's session and auth."""
 
-    def __init__(self, ref: str, plain_http: bool) -> None:
+    def __init__(self, ref: str, plain_http: bool | None) -> None:
         provider = _oras()
         try:
-            self.registry = provider.Registry(insecure=plain_http)
-            self.container = self.registry.get_container(ref)
+            self.container = provider.Registry().get_container(ref)
         except ValueError as exc:
             raise RegistryError(f"invalid reference {ref!r}: {exc}") from exc
         _check_reference(ref, self.container)
+        if plain_http is None:
+            plain_http = _is_loopback(str(self.container.registry))
+        self.registry = provider.Registry(insecure=plain_http)
         self.ref = ref
         self.prefix = "http" if plain_http else "https"
         # No docker config is fine: anonymous access is tried.
@@ -208,7 +220,7 @@ def pull(
     layout_dir: str | os.PathLike[str],
     *,
     tag: str | None = None,
-    plain_http: bool = False,
+    plain_http: bool | None = None,
     progress: bool | None = None,
 ) -> Descriptor:
     """Copy ``ref`` (``host[:port]/repo:tag`` or ``...@sha256:...``) into an image layout.
@@ -292,7 +304,7 @@ def push(
     tag: str | None,
     ref: str,
     *,
-    plain_http: bool = False,
+    plain_http: bool | None = None,
     progress: bool | None = None,
 ) -> Descriptor:
     """Push the manifest tagged ``tag`` in a layout (and everything it references) to ``ref``.

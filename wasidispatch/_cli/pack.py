@@ -1,0 +1,74 @@
+"""``wasidispatch pack FILE.wasm DIR:TAG``: build a Wasm OCI artifact inside an image layout.
+
+The layout is created when missing; ``os`` is ``wasip1`` for a core module and ``wasip2`` for
+a component (from the file's bytes). Prints the manifest digest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def split_layout_ref(value: str, *, must_exist: bool = True) -> tuple[str, str | None]:
+    """Split ``DIR[:TAG]``: an existing directory wins over a ``:`` inside its name.
+
+    >>> split_layout_ref("/no/such/dir:v1", must_exist=False)
+    ('/no/such/dir', 'v1')
+    >>> split_layout_ref("/", must_exist=True)
+    ('/', None)
+    """
+    if os.path.isdir(value) or ":" not in value:
+        return value, None
+    directory, _, tag = value.rpartition(":")
+    if must_exist and not os.path.isdir(directory):
+        return value, None
+    return directory, tag or None
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``pack`` subcommand."""
+    parser = sub.add_parser(
+        "pack",
+        help="build a Wasm OCI artifact from a .wasm file in an image layout",
+        description=(
+            "Store FILE.wasm as a Wasm OCI artifact (CNCF TAG Runtime layout: config "
+            "application/vnd.wasm.config.v0+json, one application/wasm layer) in the image "
+            "layout DIR (created if missing), tagged TAG."
+        ),
+    )
+    parser.add_argument("wasm", metavar="FILE.wasm", help="a Wasm module or component")
+    parser.add_argument("target", metavar="DIR:TAG", help="image layout directory and tag")
+    parser.add_argument("--title", help="org.opencontainers.image.title of the layer")
+    parser.add_argument(
+        "--no-created",
+        action="store_true",
+        help="omit the config's creation time (reproducible digests)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Pack the file; prints ``DIR:TAG sha256:...``."""
+    from wasidispatch.errors import SpecError
+    from wasidispatch.oci.layout import ImageLayout, pack_wasm
+
+    directory, tag = split_layout_ref(args.target, must_exist=False)
+    if tag is None:
+        raise SpecError(f"{args.target}: give the target as DIR:TAG")
+    try:
+        with open(args.wasm, "rb") as f:
+            wasm = f.read()
+    except OSError as exc:
+        raise SpecError(f"{args.wasm}: cannot read: {exc.strerror}") from exc
+    layout = ImageLayout.create(directory)
+    desc = pack_wasm(
+        layout,
+        wasm,
+        tag,
+        created=None if args.no_created else True,
+        title=args.title or os.path.basename(args.wasm),
+    )
+    sys.stdout.write(f"{directory}:{tag} {desc.digest}\n")
+    return 0
