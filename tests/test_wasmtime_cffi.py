@@ -316,6 +316,44 @@ def test_run_wasi_stdio_argv_env(fast: FastWasmtime, tmp_path: Path) -> None:
     assert env.stdout == b"ONLY=this\n"
 
 
+@pytest.mark.parametrize("memfd", [True, False], ids=["memfd", "callback"])
+def test_capture_is_per_run(
+    fast: FastWasmtime, monkeypatch: pytest.MonkeyPatch, memfd: bool
+) -> None:
+    from wasidispatch.engines._wasmtime_cffi import _fast
+
+    if not memfd:  # where memfds or /proc are missing: wasmtime's output callback
+        monkeypatch.setattr(_fast, "_capture_files", lambda: None)
+    cat = fast.prepare(build_c("cat"))
+
+    def run(data: bytes) -> tuple[bytes | None, bytes | None]:
+        result = cat.run_wasi(
+            stdin=Stdio.from_bytes(data), stdout=Stdio.capture(), stderr=Stdio.capture()
+        )
+        return result.stdout, result.stderr
+
+    big = bytes(range(256)) * 8192  # 2 MiB
+    assert run(big) == (big, b"2097152 bytes\n")
+    assert run(b"x") == (b"x", b"1 bytes\n")  # nothing left over from the bigger run
+    assert run(b"") == (b"", b"0 bytes\n")
+
+    results: dict[int, tuple[bytes | None, bytes | None]] = {}
+
+    def worker(i: int) -> None:
+        for _ in range(50):
+            results[i] = run(str(i).encode() * (i + 1))
+            assert results[i][0] == str(i).encode() * (i + 1)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {i: out for i, (out, _) in results.items()} == {
+        i: str(i).encode() * (i + 1) for i in range(4)
+    }
+
+
 def test_run_wasi_exit_trap_entry(fast: FastWasmtime) -> None:
     assert fast.prepare(build_wat("exit42")).run_wasi().exit_code == 42
     trapped = fast.prepare(build_c("trap")).run_wasi()

@@ -17,13 +17,12 @@ the whole process, and the public API has no way to reach one. Engines, modules,
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import functools
 import math
-import platform
+import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,7 +35,6 @@ from wasidispatch.engines._api import (
     Stdio,
     Timings,
 )
-from wasidispatch.engines._support import open_envelope, seal_envelope, wasm_kind
 from wasidispatch.engines._wasmtime_cffi import _native
 from wasidispatch.engines._wasmtime_cffi._lib import Loaded, load
 from wasidispatch.engines._wasmtime_cffi._native import (
@@ -50,7 +48,7 @@ from wasidispatch.engines._wasmtime_cffi._native import (
     EngineConfig,
     FuncSig,
 )
-from wasidispatch.errors import CantHandle, CompileError, EngineError
+from wasidispatch.errors import CantHandle, EngineError, IncompatibleArtifact
 
 __all__ = ["TICK", "CallResult", "FastWasmtime", "PreparedModule", "WasmValue"]
 
@@ -144,6 +142,8 @@ class _EpochTicker:
 
 
 def _cpu_flags() -> str:
+    import hashlib
+
     # Compiled code depends on the host CPU's features: artifacts must not move between CPUs.
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -213,6 +213,10 @@ class FastWasmtime:
         """SHA-256 (hex) over ``wasmtime-fast``, the wasmtime version, every compile- or
         allocation-relevant setting, the machine and its CPU features."""
         if self._fingerprint is None:
+            import hashlib
+            import json
+            import platform
+
             cfg = self._config
             doc = {
                 "engine": "wasmtime-fast",
@@ -232,6 +236,8 @@ class FastWasmtime:
     def precompile(self, wasm: bytes | bytearray) -> bytes:
         """Compile a core module ahead of time, in wasidispatch's verified envelope (for
         `prepare`'s ``precompiled`` or `Workload.precompiled` on ``wasmtime-fast``)."""
+        from wasidispatch.engines._support import seal_envelope, wasm_kind
+
         if wasm_kind(bytes(wasm[:8])) != "module":
             raise CantHandle("the wasmtime fast path runs core modules only, not components")
         module = _native.compile_module(self._loaded, self._engine, wasm)
@@ -252,6 +258,9 @@ class FastWasmtime:
         `CompileError` (not a valid core module), `CantHandle` (a component, or an import
         that cannot be satisfied), `IncompatibleArtifact` (an artifact from elsewhere).
         """
+        # _support imports hashlib (OpenSSL): deferred to keep importing this module cheap.
+        from wasidispatch.engines._support import open_envelope, wasm_kind
+
         if (wasm is None) == (precompiled is None):
             raise EngineError("pass exactly one of wasm and precompiled")
         loaded = self._loaded
@@ -261,7 +270,7 @@ class FastWasmtime:
                 try:
                     data = data.read_bytes()
                 except OSError as exc:
-                    raise CompileError(f"cannot read precompiled artifact: {exc}") from exc
+                    raise IncompatibleArtifact(f"cannot read precompiled artifact: {exc}") from exc
             artifact = open_envelope(data, self.fingerprint())
             if artifact.kind != "module":
                 raise CantHandle("the wasmtime fast path runs core modules only")
@@ -326,12 +335,13 @@ class _Slot(NamedTuple):
 
 
 class _Export(NamedTuple):
-    """A callable export, ready for the hot loop."""
+    """A callable export, ready for the hot loop (unpacked there, hence a plain tuple)."""
 
     name: bytes
     sig: FuncSig
     params: tuple[_Slot, ...]
     results: tuple[_Slot, ...]
+    fits: bool  # params and results fit the per-thread scratch arrays
 
 
 class PreparedModule:
@@ -365,6 +375,7 @@ class PreparedModule:
                     sig,
                     tuple(_Slot.make(ffi, i, k) for i, k in enumerate(sig.params)),
                     tuple(_Slot.make(ffi, i, k) for i, k in enumerate(sig.results)),
+                    len(sig.params) <= _MAX_VALS and len(sig.results) <= _MAX_VALS,
                 )
         self._memories = tuple(name.encode("utf-8") for name in memories)
         # Host functions of WASI reach for the store's WASI context, and wasmtime aborts the
@@ -376,6 +387,16 @@ class PreparedModule:
         self._linker: CData | None = linked.linker
         self._pre: CData | None = linked.pre
         self._tls = threading.local()
+        lib = loaded.lib
+        self._hot = (
+            lib.wasmtime_store_new,
+            lib.wasmtime_store_context,
+            lib.wasmtime_context_set_epoch_deadline,
+            lib.wasmtime_instance_pre_instantiate,
+            lib.wasmtime_instance_export_get,
+            lib.wasmtime_func_call,
+            lib.wasmtime_store_delete,
+        )
 
     # -- introspection -------------------------------------------------------------------
 
@@ -395,6 +416,8 @@ class PreparedModule:
         module = self._module
         if module is None:
             raise EngineError("the prepared module is closed")
+        from wasidispatch.engines._support import seal_envelope
+
         payload = _native.serialize_module(self._loaded, module)
         return seal_envelope(self._fast.fingerprint(), "module", payload)
 
@@ -444,12 +467,17 @@ class PreparedModule:
         pre = self._pre
         if pre is None:
             raise EngineError("the prepared module is closed")
-        export = self._exports.get(name) or self._export(name)
-        params, results = export.params, export.results
+        export = self._exports.get(name)
+        if export is None:
+            export = self._export(name)  # raises
+        name_b, sig, params, results, fits = export
         if len(args) != len(params):
             raise EngineError(f"{name!r} takes {len(params)} arguments, got {len(args)}")
-        scratch = self._scratch()
-        if len(params) <= _MAX_VALS and len(results) <= _MAX_VALS:
+        try:
+            scratch: _Scratch = self._tls.scratch
+        except AttributeError:
+            scratch = self._scratch()
+        if fits:
             vals, out, views, rviews = scratch.args, scratch.results, scratch.views, scratch.rviews
         else:
             ffi = self._loaded.ffi
@@ -458,49 +486,47 @@ class PreparedModule:
             views, rviews = _views(ffi, vals), _views(ffi, out)
         kinds = views[0]
         try:
-            for slot, arg in zip(params, args, strict=True):
-                kinds[slot.kind_index] = slot.kind
-                views[slot.view][slot.pos] = arg
+            for (kind, kind_index, view, pos), arg in zip(params, args):  # noqa: B905
+                kinds[kind_index] = kind
+                views[view][pos] = arg
         except (TypeError, OverflowError) as exc:
-            raise EngineError(f"bad argument for {name!r} {export.sig.describe()}: {exc}") from exc
+            raise EngineError(f"bad argument for {name!r} {sig.describe()}: {exc}") from exc
 
         if limits is not None:
             outcome = self._execute(
-                pre, scratch, export.name, vals, len(params), out, len(results), limits, None
+                pre, scratch, name_b, vals, len(params), out, len(results), limits, None
             )
             if outcome is not None:
                 return CallResult((), *outcome)
-            return CallResult(tuple([rviews[s.view][s.pos] for s in results]))
+            return _new_result(CallResult, (_read(rviews, results), 0, _EXITED, None))
 
         # The hot loop, inlined: one store, one instance, one call, gone in `finally`.
-        lib = self._lib
         null = self._null
-        store = lib.wasmtime_store_new(self._engine, null, null)
+        (store_new, store_context, set_deadline, instantiate, export_get, func_call,
+         store_delete) = self._hot  # fmt: skip
+        store = store_new(self._engine, null, null)
         if store == null:
             raise EngineError("wasmtime could not create a store")
         try:
-            ctx = lib.wasmtime_store_context(store)
+            ctx = store_context(store)
             if self._call_needs_wasi:
                 self._set_empty_wasi(ctx)
             if self._epoch:
-                lib.wasmtime_context_set_epoch_deadline(ctx, _NEVER)
+                set_deadline(ctx, _NEVER)
             if self._fuel:
                 self._set_fuel(ctx, _FUEL_UNLIMITED)
             trapp = scratch.trapp
             trapp[0] = null
-            err = lib.wasmtime_instance_pre_instantiate(pre, ctx, scratch.inst, trapp)
+            err = instantiate(pre, ctx, scratch.inst, trapp)
             if err != null or trapp[0] != null:
                 return CallResult((), *self._instantiate_failure(err, trapp[0], None))
             item = scratch.item
-            name_b = export.name
-            if not lib.wasmtime_instance_export_get(ctx, scratch.inst, name_b, len(name_b), item):
+            if not export_get(ctx, scratch.inst, name_b, len(name_b), item):
                 raise EngineError(f"export {name!r} is missing from the instance")
             if item.kind != WASMTIME_EXTERN_FUNC:  # never for a function export; kept as a guard
-                lib.wasmtime_extern_delete(item)
+                self._lib.wasmtime_extern_delete(item)
                 raise EngineError(f"export {name!r} is not a function")
-            err = lib.wasmtime_func_call(
-                ctx, scratch.func, vals, len(params), out, len(results), trapp
-            )
+            err = func_call(ctx, scratch.func, vals, len(params), out, len(results), trapp)
             if err != null:
                 message, exit_status = _native.error_info(self._loaded, err)
                 if exit_status is not None:
@@ -509,9 +535,12 @@ class PreparedModule:
             if trapp[0] != null:
                 message, code = _native.trap_info(self._loaded, trapp[0])
                 return CallResult((), *self._classify(message, code, None, None, None))
-            return CallResult(tuple([rviews[s.view][s.pos] for s in results]))
+            if len(results) == 1:
+                _, _, view, pos = results[0]
+                return _new_result(CallResult, ((rviews[view][pos],), 0, _EXITED, None))
+            return _new_result(CallResult, (_read(rviews, results), 0, _EXITED, None))
         finally:
-            lib.wasmtime_store_delete(store)
+            store_delete(store)
 
     def run_wasi(
         self,
@@ -552,7 +581,7 @@ class PreparedModule:
         if export is None or len(export.results) > _MAX_VALS:
             raise CantHandle(f"export {entry_name!r} returns values the fast path cannot take")
         scratch = self._scratch()
-        captured: dict[str, bytearray] = {}
+        captured: dict[str, Callable[[], bytes]] = {}
         keep: list[Any] = []  # buffers and handles the WASI config points into
         wasi = _wasi_config(
             self._loaded,
@@ -579,14 +608,14 @@ class PreparedModule:
             timings,
         )
         exit_code, reason, message = outcome or (0, ExitReason.EXITED, None)
-        out = captured.get("stdout")
-        err = captured.get("stderr")
+        read_out = captured.get("stdout")
+        read_err = captured.get("stderr")
         return RunResult(
             exit_code=exit_code,
             reason=reason,
             message=message,
-            stdout=bytes(out) if out is not None else None,
-            stderr=bytes(err) if err is not None else None,
+            stdout=read_out() if read_out is not None else None,
+            stderr=read_err() if read_err is not None else None,
             timings=Timings(
                 instantiate=timings[0] if timings else 0.0,
                 run=timings[1] if len(timings) > 1 else 0.0,
@@ -801,8 +830,72 @@ class PreparedModule:
 
 
 _NO_LIMITS = Limits()
+_EXITED = ExitReason.EXITED
+_new_result = tuple.__new__  # CallResult without the NamedTuple constructor's Python frame
+
+
+def _read(rviews: tuple[Any, ...], results: tuple[_Slot, ...]) -> tuple[WasmValue, ...]:
+    return tuple([rviews[view][pos] for _, _, view, pos in results])
+
+
 _NULL_STDIO = Stdio.null()
 _INHERIT_STDIO = Stdio.inherit()
+
+
+class _CaptureFiles:
+    """One thread's memfds that captured stdout/stderr go to (closed with the thread)."""
+
+    _BIG = 1 << 20
+
+    def __init__(self) -> None:
+        self.fds = {name: os.memfd_create(f"wasidispatch-{name}") for name in _STREAMS}
+        self.paths = {name: f"/proc/self/fd/{fd}".encode() for name, fd in self.fds.items()}
+        self.readers: dict[str, Callable[[], bytes]] = {
+            name: self._reader(fd) for name, fd in self.fds.items()
+        }
+
+    @classmethod
+    def _reader(cls, fd: int) -> Callable[[], bytes]:
+        def read() -> bytes:
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, size, 0) if size else b""
+            if size > cls._BIG:
+                os.ftruncate(fd, 0)  # give the memory back now, not at the next run
+            return data
+
+        return read
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "fds", {}).values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+_STREAMS = ("stdout", "stderr")
+_capture_local = threading.local()
+_memfd_usable: bool | None = None
+
+
+def _capture_files() -> _CaptureFiles | None:
+    """This thread's capture memfds, or None where memfds or /proc are unavailable."""
+    global _memfd_usable
+    try:
+        files: _CaptureFiles = _capture_local.files
+        return files
+    except AttributeError:
+        pass
+    if _memfd_usable is False:
+        return None
+    try:
+        files = _CaptureFiles()
+        _memfd_usable = all(os.path.exists(p) for p in files.paths.values())
+    except (AttributeError, OSError):  # no os.memfd_create, or the kernel refuses it
+        _memfd_usable = False
+        return None
+    if not _memfd_usable:
+        return None
+    _capture_local.files = files
+    return files
 
 
 def _cstr(ffi: Any, text: str, what: str, keep: list[Any]) -> Any:
@@ -825,7 +918,7 @@ def _wasi_config(
     stdout: Stdio,
     stderr: Stdio,
     preopens: Sequence[Preopen],
-    captured: dict[str, bytearray],
+    captured: dict[str, Callable[[], bytes]],
     keep: list[Any],
 ) -> CData:
     """A ``wasi_config_t`` for one run; the caller hands it to a store (which owns it)."""
@@ -894,7 +987,7 @@ def _set_output(
     wasi: CData,
     stream: str,
     stdio: Stdio,
-    captured: dict[str, bytearray],
+    captured: dict[str, Callable[[], bytes]],
     keep: list[Any],
 ) -> None:
     ffi, lib = loaded.ffi, loaded.lib
@@ -906,10 +999,21 @@ def _set_output(
         if not getattr(lib, f"wasi_config_set_{stream}_file")(wasi, path):
             raise EngineError(f"cannot open {stream} file {stdio.path}")
     elif stdio.kind == "capture":
-        buf = captured[stream] = bytearray()
-        handle = ffi.new_handle(buf)
-        keep.append(handle)
-        getattr(lib, f"wasi_config_set_{stream}_custom")(wasi, loaded.sink, handle, ffi.NULL)
+        files = _capture_files()
+        if files is not None:
+            # wasmtime opens (and truncates) this thread's memfd by its /proc path; the
+            # bytes are read back after the store is gone. Several times cheaper per run
+            # than wasmtime's custom-output callback, which reaches Python from a foreign
+            # thread on every write.
+            if not getattr(lib, f"wasi_config_set_{stream}_file")(wasi, files.paths[stream]):
+                raise EngineError(f"cannot open the {stream} capture file")
+            captured[stream] = files.readers[stream]
+        else:
+            buf = bytearray()
+            handle = ffi.new_handle(buf)
+            keep.append(handle)
+            getattr(lib, f"wasi_config_set_{stream}_custom")(wasi, loaded.sink, handle, ffi.NULL)
+            captured[stream] = functools.partial(bytes, buf)
     elif stdio.kind == "bytes":
         raise CantHandle(f"{stream} cannot be fed bytes; use capture or a file")
     # "null": no output configured means discarded

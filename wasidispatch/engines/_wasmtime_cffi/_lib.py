@@ -18,14 +18,11 @@ never read through a layout that was not verified.
 
 from __future__ import annotations
 
-import importlib.util
-import platform
-import re
+import os
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from wasidispatch.errors import EngineUnavailable
 
@@ -65,8 +62,7 @@ WASMTIME_I64 = 1
 WASMTIME_EXTERN_FUNC = 0
 
 
-@dataclass(frozen=True)
-class Loaded:
+class Loaded(NamedTuple):
     """The checked library: ``ffi`` (cffi type tables), ``lib`` (the dlopen'ed functions),
     the wasmtime package ``version`` and the ``path`` of the shared object."""
 
@@ -88,7 +84,7 @@ def _shared_object_name() -> str:
 
 
 def _arch_dir() -> str:
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
     plat = "linux" if sys.platform.startswith("linux") else sys.platform
     return f"{plat}-{machine}"
@@ -99,6 +95,8 @@ def installed_wasmtime() -> tuple[Path, str]:
 
     Raises `EngineUnavailable` when wasmtime is not installed or ships no library here.
     """
+    import importlib.util
+
     spec = importlib.util.find_spec("wasmtime")
     if spec is None or not spec.submodule_search_locations:
         raise EngineUnavailable(f"the wasmtime package is not installed: {_INSTALL_HINT}")
@@ -110,6 +108,8 @@ def installed_wasmtime() -> tuple[Path, str]:
 
 
 def _package_version(pkgdir: Path) -> str:
+    import re
+
     # The dist-info next to the package is the cheap, import-free source of truth for the
     # wheel the library came from (importlib.metadata costs ~30 ms to import).
     found = sorted(pkgdir.parent.glob("wasmtime-*.dist-info"))
@@ -130,6 +130,8 @@ def _package_version(pkgdir: Path) -> str:
 
 
 def _major(version: str) -> int:
+    import re
+
     match = re.match(r"(\d+)\.", version)
     if match is None:
         raise EngineUnavailable(f"unrecognised wasmtime version {version!r}")
@@ -355,6 +357,8 @@ def _load_uncached() -> Loaded:
 
 
 def _function_names(ffi: Any) -> list[str]:
+    import re
+
     from wasidispatch.engines._wasmtime_cffi._build import CDEF
 
     names = re.findall(r"\b(wasm\w+|wasi_\w+)\s*\(", CDEF)

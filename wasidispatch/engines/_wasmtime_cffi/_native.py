@@ -10,9 +10,8 @@ create their store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from wasidispatch.engines._wasmtime_cffi._lib import Loaded
 from wasidispatch.errors import CantHandle, CompileError, EngineError, IncompatibleArtifact
@@ -48,8 +47,7 @@ TRAP_CODE_OUT_OF_FUEL = 11
 MAX_WASM_STACK = 2 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
+class EngineConfig(NamedTuple):
     """The compile- and allocation-relevant settings of one native engine."""
 
     pooling: bool = False
@@ -69,8 +67,7 @@ class EngineConfig:
             raise EngineError(f"pool_size must be between 1 and 10000, got {self.pool_size}")
 
 
-@dataclass(frozen=True, slots=True)
-class FuncSig:
+class FuncSig(NamedTuple):
     """Parameter and result kinds (``wasm_valkind_t``) of an exported function; ``None``
     when the signature has a kind the fast path does not convert (v128, references)."""
 
@@ -250,8 +247,7 @@ def import_modules(loaded: Loaded, module: CData) -> frozenset[str]:
         lib.wasm_importtype_vec_delete(vec)
 
 
-@dataclass(frozen=True, slots=True)
-class Linked:
+class Linked(NamedTuple):
     """A linker (with WASI or without) and the module's ``InstancePre`` made from it."""
 
     linker: CData
