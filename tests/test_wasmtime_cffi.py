@@ -354,6 +354,37 @@ def test_capture_is_per_run(
     }
 
 
+def test_forked_child_captures_into_its_own_files(fast: FastWasmtime) -> None:
+    from wasidispatch.engines._wasmtime_cffi import _fast
+
+    cat = fast.prepare(build_c("cat"))
+
+    def run(data: bytes) -> bytes | None:
+        return cat.run_wasi(stdin=Stdio.from_bytes(data), stdout=Stdio.capture()).stdout
+
+    assert run(b"parent") == b"parent"
+    parent_fds = dict(_fast._capture_local.files.fds)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running pytest's teardown
+        status = 1
+        try:
+            out = run(b"child")
+            own = _fast._capture_local.files.pid == os.getpid()
+            os.write(write_end, (out or b"") + (b" own" if own else b" shared"))
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child_says = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert child_says == b"child own"
+    assert run(b"parent again") == b"parent again"
+    assert _fast._capture_local.files.fds == parent_fds
+
+
 def test_run_wasi_exit_trap_entry(fast: FastWasmtime) -> None:
     assert fast.prepare(build_wat("exit42")).run_wasi().exit_code == 42
     trapped = fast.prepare(build_c("trap")).run_wasi()

@@ -101,44 +101,49 @@ class CallResult(NamedTuple):
 
 
 class _EpochTicker:
-    """Increments one engine's epoch every `TICK` while a run with a timeout is in flight."""
+    """Increments one engine's epoch every `TICK` while runs with a timeout are in flight.
+
+    The thread outlives its last user by `_IDLE_TICKS` ticks instead of being joined, so a
+    stream of requests with timeouts neither waits for a join nor starts a thread each time.
+    """
+
+    _IDLE_TICKS = 200  # one second at the default tick
 
     def __init__(self, loaded: Loaded, engine: CData) -> None:
         self._increment = loaded.lib.wasmtime_engine_increment_epoch
         self._engine = engine
         self._lock = threading.Lock()
         self._users = 0
-        self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
 
-    def _loop(self, stop: threading.Event) -> None:
-        while not stop.wait(TICK):
+    def _loop(self) -> None:
+        idle = 0
+        while True:
+            time.sleep(TICK)
             self._increment(self._engine)
+            with self._lock:
+                if self._users:
+                    idle = 0
+                    continue
+                idle += 1
+                if idle > self._IDLE_TICKS:
+                    self._thread = None
+                    return
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         with self._lock:
             self._users += 1
             if self._thread is None:
-                self._stop = threading.Event()
                 self._thread = threading.Thread(
-                    target=self._loop,
-                    args=(self._stop,),
-                    name="wasidispatch-fast-epoch",
-                    daemon=True,
+                    target=self._loop, name="wasidispatch-fast-epoch", daemon=True
                 )
                 self._thread.start()
         try:
             yield
         finally:
-            thread: threading.Thread | None = None
             with self._lock:
                 self._users -= 1
-                if self._users == 0 and self._stop is not None:
-                    self._stop.set()
-                    thread, self._thread, self._stop = self._thread, None, None
-            if thread is not None:
-                thread.join()
 
 
 def _cpu_flags() -> str:
@@ -848,6 +853,7 @@ class _CaptureFiles:
     _BIG = 1 << 20
 
     def __init__(self) -> None:
+        self.pid = os.getpid()
         self.fds = {name: os.memfd_create(f"wasidispatch-{name}") for name in _STREAMS}
         self.paths = {name: f"/proc/self/fd/{fd}".encode() for name, fd in self.fds.items()}
         self.readers: dict[str, Callable[[], bytes]] = {
@@ -881,7 +887,10 @@ def _capture_files() -> _CaptureFiles | None:
     global _memfd_usable
     try:
         files: _CaptureFiles = _capture_local.files
-        return files
+        if files.pid == os.getpid():
+            return files
+        # A forked child shares its parent's memfds: it must not capture into them.
+        del _capture_local.files
     except AttributeError:
         pass
     if _memfd_usable is False:
