@@ -5,7 +5,8 @@ It runs what the ``wasmtime`` engine runs for core modules, the same way (the sa
 handling of ``cwd``, limits and stdio; see `wasidispatch.engines.wasmtime`), but every run
 instantiates a cached `PreparedModule` in a fresh store. Differences: components are refused
 (`can_handle` says so: the ``wasmtime`` engine runs them), stdin bytes go straight to
-wasmtime (no temporary file), and ``pooling=True`` uses wasmtime's pooling allocator.
+wasmtime (no temporary file), captured output goes through a per-thread memfd, and
+``pooling=True`` uses wasmtime's pooling allocator.
 
 Configurations: fuel metering and a ``max_wasm_stack`` need differently compiled code, so
 such workloads run on a second native engine made on first use, compiled from ``wasm`` (a
