@@ -6,6 +6,7 @@ The shared behaviour is in ``test_engines_conformance.py``.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from pathlib import Path
 
@@ -89,7 +90,11 @@ def test_concurrent_runs_from_threads() -> None:
     ("workload_kw", "reason"),
     [
         ({"stdin": Stdio.inherit()}, "stdin"),
-        ({"preopens": (Preopen("/tmp", "/tmp"),)}, "preopens"),
+        ({"preopens": (Preopen("/tmp", "/tmp"),)}, "/workspace"),
+        ({"preopens": (Preopen("/tmp", "/workspace/t", readonly=True),)}, "read-only"),
+        ({"preopens": (Preopen("/tmp", "/workspace/../etc"),)}, ".."),
+        ({"cwd": "/workspace"}, "working directory"),
+        ({"argv": ()}, "argv"),
         ({"limits": Limits(memory_bytes=1 << 20)}, "memory"),
         ({"limits": Limits(fuel=10)}, "fuel"),
         ({"entry": "answer"}, "_start"),
@@ -98,7 +103,10 @@ def test_concurrent_runs_from_threads() -> None:
 )
 def test_refusals_name_the_reason(workload_kw: dict[str, object], reason: str) -> None:
     engine = WasmerEngine()
-    workload = _w(build_c("hello"), **workload_kw)
+    if "argv" in workload_kw:
+        workload = Workload(wasm=build_c("hello"), argv=(), stdin=Stdio.null())
+    else:
+        workload = _w(build_c("hello"), **workload_kw)
     verdict = engine.can_handle(workload)
     assert not verdict
     assert reason in verdict.reason
@@ -106,12 +114,30 @@ def test_refusals_name_the_reason(workload_kw: dict[str, object], reason: str) -
         engine.run(workload)
 
 
-def test_argv0_that_cannot_be_a_command_name_is_refused() -> None:
+@pytest.mark.parametrize(
+    "argv0", ["guest", "/bin/app.wasm", "ünï cödé ✓", 'quote" back\\slash', "tab\there", "."]
+)
+def test_argv0_is_exactly_the_workloads(argv0: str) -> None:
     engine = WasmerEngine()
-    workload = Workload(wasm=build_c("args"), argv=("/bin/app.wasm",), stdin=Stdio.null())
-    with pytest.raises(CantHandle, match="argv\\[0\\]"):
-        engine.run(workload)
-    assert engine.can_handle(Workload(wasm=build_c("args"), argv=("app.wasm",), stdin=Stdio.null()))
+    try:
+        result = engine.run(
+            Workload(
+                wasm=build_c("args"),
+                argv=(argv0, "x"),
+                stdin=Stdio.null(),
+                stdout=Stdio.capture(),
+            )
+        )
+    finally:
+        engine.close()
+    assert result.ok, result
+    assert result.stdout == f"2\n{argv0}\nx\n".encode()
+
+
+def test_cwd_root_is_honoured() -> None:
+    engine = WasmerEngine()
+    assert engine.can_handle(_w(build_c("hello"), cwd="/"))
+    assert engine.run(_w(build_c("hello"), cwd="/")).stdout == b"hello from wasi\n"
 
 
 def test_trap_message_keeps_the_trap_kind() -> None:
@@ -138,3 +164,151 @@ def test_precompile_is_none_and_fingerprint_names_the_sdk() -> None:
     engine: Engine = WasmerEngine()
     assert engine.precompile(build_c("hello").read_bytes()) is None
     assert engine.fingerprint() == WasmerEngine().fingerprint()
+
+
+# -- preopens: mirrored into the sandbox ----------------------------------------------------
+
+
+def _files(engine: WasmerEngine, *args: str, **kw: object) -> tuple[int, bytes, bytes]:
+    result = engine.run(_w(build_c("files"), *args, **kw))
+    assert result.stdout is not None
+    assert result.stderr is not None
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_writable_preopen_under_workspace_round_trips(tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("from the host\n")
+    (tmp_path / "keep.txt").write_text("old")
+    (tmp_path / "keep.txt").chmod(0o600)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "deep.txt").write_text("deep")
+    (tmp_path / "empty").mkdir()
+    pre = (Preopen(tmp_path, "/workspace/data"),)
+    engine = WasmerEngine()
+    try:
+        assert engine.can_handle(_w(build_c("hello"), preopens=pre))
+        assert _files(engine, "read", "/workspace/data/sub/deep.txt", preopens=pre)[:2] == (
+            0,
+            b"deep",
+        )
+        listing = _files(engine, "list", "/workspace/data", preopens=pre)
+        assert sorted(listing[1].split()) == [b"empty", b"in.txt", b"keep.txt", b"sub"]
+        assert _files(engine, "write", "/workspace/data/out.txt", "new", preopens=pre)[0] == 0
+        assert _files(engine, "write", "/workspace/data/keep.txt", "changed", preopens=pre)[0] == 0
+        assert _files(engine, "write", "/workspace/data/empty/e.txt", "e", preopens=pre)[0] == 0
+        outside = _files(engine, "read", "/etc/hostname", preopens=pre)
+    finally:
+        engine.close()
+    assert (tmp_path / "out.txt").read_text() == "new"
+    assert (tmp_path / "keep.txt").read_text() == "changed"
+    assert (tmp_path / "keep.txt").stat().st_mode & 0o777 == 0o600  # mode kept
+    assert (tmp_path / "empty" / "e.txt").read_text() == "e"
+    assert (tmp_path / "in.txt").read_text() == "from the host\n"
+    assert not [p for p in tmp_path.rglob(".wasidispatch-*")]  # no temporary file left
+    assert outside[0] == 1
+    assert outside[2].startswith(b"error:")
+
+
+def _unlink_guest(path: str) -> bytes:
+    """A guest that unlinks ``path`` (relative to the root preopen, fd 3) and exits with
+    the errno (0 on success)."""
+    wasmtime = pytest.importorskip("wasmtime")
+    data = path.encode()
+    return bytes(
+        wasmtime.wat2wasm(
+            f"""(module
+  (import "wasi_snapshot_preview1" "path_unlink_file"
+    (func $unlink (param i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "{data.decode()}")
+  (func (export "_start") (call $exit (call $unlink (i32.const 3) (i32.const 16)
+    (i32.const {len(data)})))))"""
+        )
+    )
+
+
+def test_files_removed_by_the_guest_are_removed_on_the_host(tmp_path: Path) -> None:
+    (tmp_path / "gone.txt").write_text("x")
+    (tmp_path / "stays.txt").write_text("y")
+    result = WasmerEngine().run(
+        _w(_unlink_guest("workspace/gone.txt"), preopens=(Preopen(tmp_path, "/workspace"),))
+    )
+    assert (result.exit_code, result.reason) == (0, ExitReason.EXITED), result
+    assert not (tmp_path / "gone.txt").exists()
+    assert (tmp_path / "stays.txt").read_text() == "y"
+
+
+def test_host_symlinks_never_lead_out_of_the_preopen(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host secret")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "real.txt").write_text("real")
+    os.symlink(secret, shared / "escape.txt")
+    os.symlink("real.txt", shared / "alias.txt")
+    os.symlink("/etc", shared / "etc")
+    pre = (Preopen(shared, "/workspace"),)
+    engine = WasmerEngine()
+    try:
+        listing = _files(engine, "list", "/workspace", preopens=pre)
+        escape = _files(engine, "read", "/workspace/escape.txt", preopens=pre)
+        alias = _files(engine, "read", "/workspace/alias.txt", preopens=pre)
+        result = engine.run(
+            _w(build_c("files"), "write", "/workspace/alias.txt", "w", preopens=pre)
+        )
+    finally:
+        engine.close()
+    assert sorted(listing[1].split()) == [b"alias.txt", b"real.txt"]
+    assert escape[0] == 1
+    assert alias[:2] == (0, b"real")
+    # A write to a host symlink's mirror is not written through it; the result says so.
+    assert result.ok
+    assert (shared / "real.txt").read_text() == "real"
+    assert (shared / "alias.txt").is_symlink()
+    assert result.message is not None
+    assert "alias.txt not written back" in result.message
+    assert secret.read_text() == "host secret"
+
+
+def test_mirror_limit_refuses_a_big_preopen(tmp_path: Path) -> None:
+    (tmp_path / "big.bin").write_bytes(b"\0" * 4096)
+    engine = WasmerEngine(mirror_limit=1024)
+    workload = _w(build_c("hello"), preopens=(Preopen(tmp_path, "/workspace"),))
+    verdict = engine.can_handle(workload)
+    assert not verdict
+    assert "1024 bytes" in verdict.reason
+    with pytest.raises(CantHandle, match="mirror_limit"):
+        engine.run(workload)
+
+
+def test_discard_writes_mirrors_readonly_and_outside_preopens(tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("kept\n")
+    pre = (Preopen(tmp_path, "/ro", readonly=True), Preopen(tmp_path, "rel.dir"))
+    assert not WasmerEngine().can_handle(_w(build_c("hello"), preopens=pre))
+    engine = WasmerEngine(discard_writes=True)
+    try:
+        assert engine.can_handle(_w(build_c("hello"), preopens=pre))
+        read = _files(engine, "read", "/ro/in.txt", preopens=pre)
+        relative = _files(engine, "read", "rel.dir/in.txt", preopens=pre)
+        write = _files(engine, "write", "/ro/in.txt", "nope", preopens=pre)
+    finally:
+        engine.close()
+    assert read[:2] == (0, b"kept\n")
+    assert relative[:2] == (0, b"kept\n")
+    # The documented deviation: the write succeeds inside the run and is discarded.
+    assert write[0] == 0
+    assert (tmp_path / "in.txt").read_text() == "kept\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
+def test_no_cache_directory_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    engine = WasmerEngine(cache_root=tmp_path / "cache")
+    try:
+        assert engine.run(_w(build_c("hello"))).ok
+    finally:
+        engine.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]

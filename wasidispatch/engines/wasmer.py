@@ -6,13 +6,36 @@ bridges it with one private event loop on one daemon thread per engine instance 
 first use, stopped and joined by `WasmerEngine.close`, at garbage collection or at exit),
 so it works the same from plain and from async callers and leaks no loop.
 
-What the SDK cannot do is declared in `capabilities` and refused with `CantHandle` by
-`can_handle`/`run`, never ignored: host directories (no preopens, so no read-only flag and
-no cwd), components, precompilation, memory caps, fuel, another entry export, and sharing
-the host's stdin. What it can do differently is translated:
+What the SDK's sandbox looks like to a WASI guest (measured on wasmer-sdk 0.5.0): the
+preopens are fixed (``/``, ``.`` and ``/`` again; wasi-libc resolves relative paths through
+the last ``/``, so relative paths always start at the root, whatever ``cwd`` the SDK is
+given); ``/workspace`` is the one place whose files the host can put in and read back
+(``Sandbox.fs`` refuses every other path); everything else in the root is a copy-on-write
+view per process: a guest's writes there succeed and vanish when it exits. No mode bits,
+no read-only mount, no host directory mapping exist in the SDK.
 
-- each run gets a fresh sandbox (guests never see each other's files) and the command is
-  named after ``argv[0]``, which is how the SDK sets ``argv[0]``;
+So host directories (preopens) are *mirrored*, within a size cap:
+
+- a writable preopen at or under ``/workspace`` is copied into the sandbox before the run
+  and the guest's changes are copied back afterwards (new and changed files written
+  atomically, removed ones removed, only ever inside the host directory, never through a
+  host symlink);
+- any other preopen (read-only ones anywhere, writable ones elsewhere) cannot be honoured:
+  the guest would see its writes succeed and they would never reach the host. It is
+  refused, unless the engine was made with ``discard_writes=True``: then it is copied into
+  the guest's copy-on-write root, the guest reads it and its writes are discarded at exit
+  (the host never changes). That opt-in is what lets OCI bundles (the rootfs preopened as
+  ``/``) run on Wasmer; it is not read-only semantics and the capabilities do not claim it.
+
+``argv[0]`` is exactly the workload's: a command named after it when it is a valid package
+command name, otherwise the ``exec-name`` of the WASI runner, set through a ``wasmer.toml``
+package. ``cwd`` is honoured when it is ``/`` (the only directory relative paths resolve
+against). What the SDK cannot do otherwise is declared in `capabilities` and refused with
+`CantHandle` by `can_handle`/`run`, never ignored: components, precompilation, memory caps,
+fuel, another entry export, and sharing the host's stdin. What it does differently is
+translated:
+
+- each run gets a fresh sandbox (guests never see each other's files);
 - stdout/stderr are always captured by the SDK; ``inherit`` writes them to this process's
   descriptors 1/2 when the guest ends (not while it runs), ``file`` writes the file,
   ``null`` drops them;
@@ -22,14 +45,20 @@ the host's stdin. What it can do differently is translated:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import os
+import posixpath
 import re
+import stat
+import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import wasmer_sdk
@@ -38,16 +67,17 @@ from wasidispatch.engines._api import (
     TRAP_EXIT_CODE,
     Capabilities,
     ExitReason,
+    Preopen,
     RunResult,
     Stdio,
     Timings,
     Verdict,
     Workload,
 )
-from wasidispatch.engines._support import wasm_kind
+from wasidispatch.engines._support import check_preopens, wasm_kind
 from wasidispatch.errors import CantHandle, CompileError, EngineError
 
-__all__ = ["WasmerEngine"]
+__all__ = ["MIRROR_LIMIT", "WasmerEngine"]
 
 T = TypeVar("T")
 
@@ -55,8 +85,10 @@ _CAPABILITIES = Capabilities(
     modules=True,
     components=False,
     precompile=False,
+    # Only under /workspace (or with discard_writes): not the general capability.
     preopens=False,
     readonly_preopens=False,
+    # Only cwd "/" (relative paths resolve against the root whatever the SDK is told).
     cwd=False,
     stdio_file=True,
     memory_limit=False,
@@ -66,8 +98,13 @@ _CAPABILITIES = Capabilities(
     fast_instantiate=False,
 )
 
-# Package command names the SDK accepts (argv[0] becomes the command name).
+#: Default cap on the bytes of host files mirrored into one sandbox (all preopens together).
+MIRROR_LIMIT = 256 * 1024 * 1024
+
+# Package command names the SDK accepts; another argv[0] goes through exec-name.
 _COMMAND_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
+_WORKSPACE = "/workspace"
+_PACKAGE_CACHE = 16
 
 
 class _LoopThread:
@@ -94,7 +131,13 @@ class _LoopThread:
             self.loop.close()
 
 
+def _default_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "wasidispatch" / "wasmer"
+
+
 def _shutdown(state: dict[str, Any]) -> None:
+    state.pop("packages", None)
     loop: _LoopThread | None = state.pop("loop", None)
     if loop is not None:
         loop.stop(state.pop("client", None))
@@ -104,19 +147,36 @@ class WasmerEngine:
     """Runs WASI preview 1 modules on Wasmer through ``wasmer-sdk``.
 
     ``output_bytes`` bounds what the SDK keeps of each of stdout and stderr (more is cut
-    and the result's message says so).
+    and the result's message says so). ``discard_writes=True`` accepts the preopens Wasmer
+    cannot write back (read-only ones, and writable ones outside ``/workspace``): they are
+    mirrored into the guest's copy-on-write root, where its writes succeed and are
+    discarded at exit (see the module docstring). ``mirror_limit`` caps the bytes of host
+    files mirrored per run (more is refused with `CantHandle`). ``cache_root`` is where
+    Wasmer keeps compiled modules (default: ``$XDG_CACHE_HOME/wasidispatch/wasmer``).
 
     Example::
 
         >>> from wasidispatch.engines.wasmer import WasmerEngine
-        >>> WasmerEngine().capabilities.preopens
+        >>> WasmerEngine().capabilities.readonly_preopens
         False
     """
 
-    def __init__(self, *, output_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        *,
+        output_bytes: int = 64 * 1024 * 1024,
+        discard_writes: bool = False,
+        mirror_limit: int = MIRROR_LIMIT,
+        cache_root: str | os.PathLike[str] | None = None,
+    ) -> None:
         if output_bytes < 0:
             raise EngineError(f"output_bytes must not be negative, got {output_bytes}")
+        if mirror_limit < 0:
+            raise EngineError(f"mirror_limit must not be negative, got {mirror_limit}")
         self._output_bytes = output_bytes
+        self._discard_writes = discard_writes
+        self._mirror_limit = mirror_limit
+        self._cache_root = Path(cache_root) if cache_root is not None else _default_cache_root()
         self._lock = threading.Lock()
         # Shared with the finalizer, which must not keep `self` alive.
         self._state: dict[str, Any] = {}
@@ -131,8 +191,14 @@ class WasmerEngine:
 
     @property
     def capabilities(self) -> Capabilities:
-        """Modules, timeout, stdio files; no preopens, components, limits or precompile."""
+        """Modules, timeout, stdio files; preopens only as the module docstring says; no
+        components, memory cap, fuel or precompile."""
         return _CAPABILITIES
+
+    @property
+    def discard_writes(self) -> bool:
+        """Whether preopens that cannot be written back are mirrored with discarded writes."""
+        return self._discard_writes
 
     def version(self) -> str:
         """The installed wasmer-sdk version."""
@@ -145,8 +211,16 @@ class WasmerEngine:
         return hashlib.sha256(f"{self.name}\0{self.version()}".encode()).hexdigest()
 
     def can_handle(self, workload: Workload) -> Verdict:
-        """Refuses whatever the SDK cannot honour, saying what."""
-        reason = _refusal(workload)
+        """Refuses whatever the SDK cannot honour, saying what (preopens are measured, not
+        read: a missing host directory is left for `run` to report)."""
+        reason = _refusal(workload, self._discard_writes)
+        if reason is None:
+            try:
+                _measure(workload.preopens, self._mirror_limit)
+            except CantHandle as exc:
+                reason = str(exc)
+            except (EngineError, OSError):
+                pass
         return Verdict.no(reason) if reason else Verdict.yes()
 
     def precompile(self, wasm: bytes) -> None:
@@ -155,9 +229,10 @@ class WasmerEngine:
 
     def run(self, workload: Workload) -> RunResult:
         """Run ``workload`` in a fresh sandbox and wait for it."""
-        reason = _refusal(workload)
+        reason = _refusal(workload, self._discard_writes)
         if reason:
             raise CantHandle(reason)
+        check_preopens(workload.preopens)
         try:
             wasm = workload.wasm_bytes()
         except OSError as exc:
@@ -173,7 +248,10 @@ class WasmerEngine:
                 stdin = workload.stdin.path.read_bytes()
             except OSError as exc:
                 raise EngineError(f"cannot read stdin file: {exc}") from exc
-        return self._loop().call(self._run(workload, wasm, stdin))
+        t0 = time.perf_counter()
+        layout = _Layout.build(workload.preopens, self._mirror_limit)
+        mirror_in = time.perf_counter() - t0
+        return self._loop().call(self._run(workload, wasm, stdin, layout, mirror_in))
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -195,60 +273,127 @@ class WasmerEngine:
         client: wasmer_sdk.Wasmer | None = self._state.get("client")
         if client is None:
             try:
-                client = wasmer_sdk.Wasmer(output_bytes=self._output_bytes)
+                client = wasmer_sdk.Wasmer(
+                    cache_root=self._cache_root, output_bytes=self._output_bytes
+                )
             except wasmer_sdk.WasmerError as exc:
                 raise EngineError(f"cannot start wasmer-sdk: {exc}") from exc
             self._state["client"] = client
         return client
 
-    # -- running -------------------------------------------------------------------------
-
-    async def _run(self, workload: Workload, wasm: bytes, stdin: bytes | None) -> RunResult:
-        client = await self._client()
-        command_name = workload.argv[0]
-        t0 = time.perf_counter()
+    async def _package(
+        self, client: wasmer_sdk.Wasmer, wasm: bytes, argv0: str
+    ) -> wasmer_sdk.Package:
+        """The package whose command runs ``wasm`` with ``argv0`` as argv[0] (cached)."""
+        cache: collections.OrderedDict[tuple[bytes, str], wasmer_sdk.Package]
+        cache = self._state.setdefault("packages", collections.OrderedDict())
+        key = (hashlib.sha256(wasm).digest(), argv0)
+        package = cache.get(key)
+        if package is not None:
+            cache.move_to_end(key)
+            return package
+        named = _COMMAND_NAME.fullmatch(argv0) is not None
+        command = argv0 if named else "main"
         try:
+            # Creating from a definition validates the module (and its _start) up front.
             package = await client.packages.create(
                 wasmer_sdk.PackageDefinition(
                     modules={"main": wasm},
-                    commands={command_name: wasmer_sdk.PackageCommandDefinition(module="main")},
-                    entrypoint=command_name,
+                    commands={command: wasmer_sdk.PackageCommandDefinition(module="main")},
+                    entrypoint=command,
                 )
             )
+            if not named:
+                package = await _exec_name_package(client, wasm, argv0)
+        except wasmer_sdk.WasmerError as exc:
+            raise _load_error(exc) from exc
+        cache[key] = package
+        while len(cache) > _PACKAGE_CACHE:
+            cache.popitem(last=False)
+        return package
+
+    # -- running -------------------------------------------------------------------------
+
+    async def _run(
+        self,
+        workload: Workload,
+        wasm: bytes,
+        stdin: bytes | None,
+        layout: _Layout,
+        mirror_in: float,
+    ) -> RunResult:
+        client = await self._client()
+        t0 = time.perf_counter()
+        package = await self._package(client, wasm, workload.argv[0])
+        packages = [package]
+        try:
+            if layout.package_files:
+                # Files outside /workspace can only come from a package: one more package
+                # whose sole purpose is to carry them.
+                packages.append(
+                    await client.packages.create(
+                        wasmer_sdk.PackageDefinition(
+                            modules={"main": wasm},
+                            commands={
+                                "wasidispatch-files": wasmer_sdk.PackageCommandDefinition(
+                                    module="main"
+                                )
+                            },
+                            files=layout.package_files,
+                        )
+                    )
+                )
         except wasmer_sdk.WasmerError as exc:
             raise _load_error(exc) from exc
         t1 = time.perf_counter()
         try:
-            sandbox = await client.sandboxes.create(packages=[package])
+            sandbox = await client.sandboxes.create(packages=packages, files=layout.sandbox_files)
         except wasmer_sdk.WasmerError as exc:
             raise _load_error(exc) from exc
-        t2 = time.perf_counter()
         try:
-            command = sandbox.command(package, list(workload.argv[1:]), env=dict(workload.env))
-            output = await command.run(stdin=stdin, timeout=workload.limits.timeout, check=False)
-        except wasmer_sdk.WasmerError as exc:
-            if exc.code == "EXECUTION_ERROR":
-                t3 = time.perf_counter()
-                return RunResult(
-                    exit_code=TRAP_EXIT_CODE,
-                    reason=ExitReason.TRAPPED,
-                    message=_trap_message(str(exc)),
-                    stdout=b"" if workload.stdout.kind == "capture" else None,
-                    stderr=b"" if workload.stderr.kind == "capture" else None,
-                    timings=Timings(compile=t1 - t0, instantiate=t2 - t1, run=t3 - t2),
+            try:
+                for directory in layout.sandbox_dirs:
+                    await sandbox.fs.mkdir(directory, recursive=True)
+            except wasmer_sdk.WasmerError as exc:
+                raise EngineError(f"cannot mirror a preopen into the sandbox: {exc}") from exc
+            t2 = time.perf_counter()
+            error: wasmer_sdk.WasmerError | None = None
+            output: wasmer_sdk.Output | None = None
+            try:
+                command = sandbox.command(package, list(workload.argv[1:]), env=dict(workload.env))
+                output = await command.run(
+                    stdin=stdin, timeout=workload.limits.timeout, check=False
                 )
-            raise _load_error(exc) from exc
+            except wasmer_sdk.WasmerError as exc:
+                if exc.code != "EXECUTION_ERROR":
+                    raise _load_error(exc) from exc
+                error = exc
+            # Written back whatever way the guest ended: a killed process's writes stay too.
+            notes = await layout.write_back(sandbox)
         finally:
             with contextlib.suppress(wasmer_sdk.WasmerError):
                 await sandbox.close()
         t3 = time.perf_counter()
         # The SDK compiles lazily, inside the first run: compile time is counted as run.
-        timings = Timings(compile=t1 - t0, instantiate=t2 - t1, run=t3 - t2)
-        return self._result(workload, output, timings)
+        # Mirroring in counts as instantiation, writing back as run.
+        timings = Timings(compile=t1 - t0, instantiate=mirror_in + t2 - t1, run=t3 - t2)
+        if output is None:
+            assert error is not None
+            return RunResult(
+                exit_code=TRAP_EXIT_CODE,
+                reason=ExitReason.TRAPPED,
+                message="; ".join([_trap_message(str(error)), *notes]),
+                stdout=b"" if workload.stdout.kind == "capture" else None,
+                stderr=b"" if workload.stderr.kind == "capture" else None,
+                timings=timings,
+            )
+        return self._result(workload, output, timings, notes)
 
     @staticmethod
-    def _result(workload: Workload, output: wasmer_sdk.Output, timings: Timings) -> RunResult:
-        notes: list[str] = []
+    def _result(
+        workload: Workload, output: wasmer_sdk.Output, timings: Timings, notes: list[str]
+    ) -> RunResult:
+        notes = list(notes)
         if output.reason is wasmer_sdk.ExitReason.EXITED:
             exit_code, reason = output.exit_code, ExitReason.EXITED
         elif output.reason is wasmer_sdk.ExitReason.TIMEOUT:
@@ -275,7 +420,42 @@ class WasmerEngine:
         )
 
 
-def _refusal(workload: Workload) -> str | None:
+async def _exec_name_package(
+    client: wasmer_sdk.Wasmer, wasm: bytes, argv0: str
+) -> wasmer_sdk.Package:
+    """A package whose WASI command has ``exec-name = argv0``: the only way the SDK offers
+    to give the guest an argv[0] that is not a command name (such as ``/app.wasm``).
+    Only a ``wasmer.toml`` package on disk can say it; the SDK reads it whole on load."""
+    manifest = (
+        '[package]\nname = "wasidispatch/guest"\nversion = "0.0.0"\n\n'
+        '[[module]]\nname = "main"\nsource = "main.wasm"\nabi = "wasi"\n\n'
+        '[[command]]\nname = "main"\nmodule = "main"\nrunner = "wasi"\n\n'
+        f"[command.annotations.wasi]\nexec-name = {_toml_string(argv0)}\n"
+    )
+    with tempfile.TemporaryDirectory(prefix="wasidispatch-wasmer-") as tmp:
+        Path(tmp, "main.wasm").write_bytes(wasm)
+        Path(tmp, "wasmer.toml").write_text(manifest, encoding="utf-8")
+        return await client.packages.load(Path(tmp))
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string (control characters escaped, the rest as is)."""
+    out = ['"']
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+# -- refusals ----------------------------------------------------------------------------
+
+
+def _refusal(workload: Workload, discard_writes: bool) -> str | None:
     """Why wasmer-sdk cannot run ``workload`` as asked, or ``None``."""
     try:
         if wasm_kind(_header(workload)) == "component":
@@ -284,8 +464,6 @@ def _refusal(workload: Workload) -> str | None:
         pass  # run() reports an unreadable or invalid binary itself
     lim = workload.limits
     checks = (
-        (bool(workload.preopens), "wasmer-sdk cannot map host directories (preopens)"),
-        (workload.cwd is not None, "wasmer-sdk cannot set a working directory on a host dir"),
         (workload.entry is not None, "wasmer-sdk only runs a module's _start"),
         (workload.precompiled is not None, "wasmer-sdk has no precompiled artifacts"),
         (lim.memory_bytes is not None, "wasmer-sdk has no memory limit"),
@@ -295,19 +473,322 @@ def _refusal(workload: Workload) -> str | None:
         (workload.stdin.kind == "capture", "stdin cannot be captured"),
         (workload.stdout.kind == "bytes", "stdout cannot be fed bytes"),
         (workload.stderr.kind == "bytes", "stderr cannot be fed bytes"),
-        (not workload.argv, "wasmer-sdk needs argv[0] (it names the command)"),
+        (not workload.argv, "wasmer-sdk always gives the guest an argv[0]; argv is empty"),
     )
     for failed, reason in checks:
         if failed:
             return reason
     if lim.timeout is not None and not lim.timeout > 0:
         return f"limits.timeout must be a positive number, got {lim.timeout}"
-    if not _COMMAND_NAME.fullmatch(workload.argv[0]):
+    if not _encodable(workload.argv[0]):
+        return f"argv[0] {workload.argv[0]!r} is not valid Unicode"
+    if workload.cwd is not None and posixpath.normpath(workload.cwd) != "/":
         return (
-            f"wasmer-sdk sets argv[0] from a command name; {workload.argv[0]!r} is not one "
-            "(letters, digits, '_', '.', '+', '-')"
+            f"wasmer-sdk cannot set the working directory {workload.cwd!r}: relative paths "
+            "always resolve against / in its sandbox"
+        )
+    for pre in workload.preopens:
+        refused = _preopen_refusal(pre, discard_writes)
+        if refused:
+            return refused
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _guest_path(guest: str) -> str | None:
+    """The absolute guest path of a preopen (a relative name such as ``fs-tests.dir`` is
+    reached from the root, where the sandbox resolves relative paths), or ``None`` when it
+    uses ``..``."""
+    if ".." in guest.split("/"):
+        return None
+    return posixpath.normpath("/" + guest.lstrip("/")) if guest not in ("", ".") else "/"
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or top == "/" or path.startswith(top + "/")
+
+
+def _preopen_refusal(pre: Preopen, discard_writes: bool) -> str | None:
+    guest = _guest_path(pre.guest)
+    if guest is None:
+        return f"preopen guest path {pre.guest!r} must not contain '..'"
+    if not _encodable(guest):
+        return f"preopen guest path {pre.guest!r} is not valid Unicode"
+    if discard_writes:
+        return None
+    if pre.readonly:
+        return (
+            f"wasmer-sdk has no read-only directories: the guest's writes to the read-only "
+            f"preopen {guest} would succeed (discard_writes=True mirrors it and discards them)"
+        )
+    if not _under(guest, _WORKSPACE):
+        return (
+            f"wasmer-sdk keeps a guest's writes only under {_WORKSPACE}: writes to the preopen "
+            f"{guest} could not reach the host (discard_writes=True mirrors it and discards "
+            "them)"
         )
     return None
+
+
+# -- mirroring host directories -----------------------------------------------------------
+
+
+@dataclass
+class _Tree:
+    """What one host directory holds, by ``/``-separated path relative to it."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    dirs: set[str] = field(default_factory=set)
+    #: host symlinks to a file inside the directory: mirrored as that file, never written
+    links: set[str] = field(default_factory=set)
+    #: entries not mirrored (symlinks leaving the directory or to directories, devices...)
+    skipped: list[str] = field(default_factory=list)
+    size: int = 0
+
+
+def _scan(host: Path, budget: int, *, read: bool) -> _Tree:
+    """Walk ``host`` without following symlinks out of it; refuse above ``budget`` bytes."""
+    tree = _Tree()
+    root = os.path.realpath(host)
+    stack = [(os.fspath(host), "")]
+    while stack:
+        path, rel = stack.pop()
+        with os.scandir(path) as entries:
+            for entry in entries:
+                child = f"{rel}/{entry.name}" if rel else entry.name
+                if not _encodable(entry.name):
+                    raise CantHandle(
+                        f"wasmer-sdk cannot mirror {entry.path!r}: its name is not UTF-8"
+                    )
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    inside = os.path.commonpath([root, target]) == root
+                    if not (inside and os.path.isfile(target)):
+                        tree.skipped.append(child)
+                        continue
+                    tree.links.add(child)
+                    tree.size += os.stat(target).st_size
+                    source = target
+                elif entry.is_dir(follow_symlinks=False):
+                    tree.dirs.add(child)
+                    stack.append((entry.path, child))
+                    continue
+                elif entry.is_file(follow_symlinks=False):
+                    tree.size += entry.stat(follow_symlinks=False).st_size
+                    source = entry.path
+                else:
+                    tree.skipped.append(child)
+                    continue
+                if tree.size > budget:
+                    raise CantHandle(
+                        f"preopen {host} holds more than the {budget} bytes wasmer-sdk may "
+                        "mirror into its sandbox (raise mirror_limit, or use another engine)"
+                    )
+                if read:
+                    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    with open(fd, "rb") as f:
+                        tree.files[child] = f.read()
+                else:
+                    tree.files[child] = b""
+    return tree
+
+
+def _measure(preopens: tuple[Preopen, ...], limit: int) -> None:
+    """Raise `CantHandle` when the preopens hold more than ``limit`` bytes (stat only)."""
+    budget = limit
+    for pre in preopens:
+        budget -= _scan(Path(pre.host), budget, read=False).size
+
+
+@dataclass
+class _Mirror:
+    host: Path
+    guest: str
+    tree: _Tree
+    write_back: bool
+    #: guest paths of deeper preopens inside this one (theirs, not this one's)
+    nested: tuple[str, ...] = ()
+
+
+@dataclass
+class _Layout:
+    """Where each preopen's files go in the sandbox, and how changes come back."""
+
+    mirrors: list[_Mirror] = field(default_factory=list)
+    sandbox_files: dict[str, bytes] = field(default_factory=dict)
+    sandbox_dirs: list[str] = field(default_factory=list)
+    package_files: dict[str, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, preopens: tuple[Preopen, ...], limit: int) -> _Layout:
+        layout = cls()
+        budget = limit
+        placed: list[tuple[Preopen, str]] = []
+        for pre in preopens:
+            guest = _guest_path(pre.guest)
+            assert guest is not None  # _refusal checked it
+            placed.append((pre, guest))
+        # Shallow first, so that a deeper preopen's files win where they overlap.
+        placed.sort(key=lambda item: item[1].count("/") if item[1] != "/" else 0)
+        for pre, guest in placed:
+            try:
+                tree = _scan(Path(pre.host), budget, read=True)
+            except OSError as exc:
+                raise EngineError(f"cannot mirror preopen {pre.host}: {exc}") from exc
+            budget -= tree.size
+            nested = tuple(g for p, g in placed if g != guest and _under(g, guest) and p is not pre)
+            in_workspace = _under(guest, _WORKSPACE) and guest != "/"
+            layout.mirrors.append(
+                _Mirror(Path(pre.host), guest, tree, in_workspace and not pre.readonly, nested)
+            )
+            for rel in ("", *sorted(tree.dirs)):
+                path = _join(guest, rel)
+                if _under(path, _WORKSPACE) and path != "/":
+                    layout.sandbox_dirs.append(path)
+            for rel, data in tree.files.items():
+                path = _join(guest, rel)
+                if _under(path, _WORKSPACE) and path != "/":
+                    layout.sandbox_files[path] = data
+                else:
+                    layout.package_files[path] = data
+        return layout
+
+    async def write_back(self, sandbox: wasmer_sdk.Sandbox) -> list[str]:
+        """Apply the guest's changes to each writable mirror's host directory; notes."""
+        notes: list[str] = []
+        for mirror in self.mirrors:
+            if mirror.write_back:
+                try:
+                    current = await _read_sandbox_tree(sandbox, mirror.guest, mirror.nested)
+                except wasmer_sdk.WasmerError as exc:
+                    raise EngineError(
+                        f"cannot read back preopen {mirror.guest} from the sandbox: {exc}"
+                    ) from exc
+                notes.extend(_apply(mirror, current))
+        return notes
+
+
+def _join(guest: str, rel: str) -> str:
+    if not rel:
+        return guest
+    return f"{guest.rstrip('/')}/{rel}"
+
+
+async def _read_sandbox_tree(
+    sandbox: wasmer_sdk.Sandbox, guest: str, nested: tuple[str, ...]
+) -> _Tree:
+    tree = _Tree()
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        for entry in await sandbox.fs.read_dir(_join(guest, rel)):
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            path = _join(guest, child)
+            if any(_under(path, n) for n in nested):
+                continue  # another preopen's files
+            if entry.kind == "directory":
+                tree.dirs.add(child)
+                stack.append(child)
+            else:
+                tree.files[child] = await sandbox.fs.read(path)
+    return tree
+
+
+def _apply(mirror: _Mirror, current: _Tree) -> list[str]:
+    """Make ``mirror.host`` reflect the guest's changes (``current`` vs the snapshot)."""
+    before, notes, failures = mirror.tree, [], []
+    host = os.fspath(mirror.host)
+
+    def attempt(what: str, action: Any, *args: Any) -> None:
+        try:
+            action(*args)
+        except OSError as exc:
+            failures.append(f"{what}: {exc}")
+
+    for rel in sorted(set(before.files) - set(current.files)):
+        if rel in before.links:
+            notes.append(f"{mirror.guest}/{rel} not removed on the host (a host symlink)")
+        else:
+            attempt(f"remove {rel}", _host_remove, host, rel, False)
+    for rel in sorted(before.dirs - current.dirs, key=lambda r: -r.count("/")):
+        attempt(f"remove {rel}/", _host_remove, host, rel, True)
+    for rel in sorted(current.dirs - before.dirs, key=lambda r: r.count("/")):
+        attempt(f"create {rel}/", _host_mkdir, host, rel)
+    for rel, data in sorted(current.files.items()):
+        if before.files.get(rel) == data and rel in before.files:
+            continue
+        if rel in before.links:
+            notes.append(f"{mirror.guest}/{rel} not written back (a host symlink)")
+            continue
+        attempt(f"write {rel}", _host_write, host, rel, data)
+    if failures:
+        raise EngineError(
+            f"could not write the guest's changes back to {mirror.host}: " + "; ".join(failures)
+        )
+    return notes
+
+
+def _host_parent(root: str, rel: str) -> str:
+    """The host directory holding ``rel`` under ``root``, refusing any symlink on the way."""
+    parent = root
+    for part in rel.split("/")[:-1]:
+        parent = os.path.join(parent, part)
+        st = os.lstat(parent)
+        if not stat.S_ISDIR(st.st_mode):
+            raise OSError(f"{parent} is not a directory (or is a symlink)")
+    return parent
+
+
+def _host_remove(root: str, rel: str, directory: bool) -> None:
+    parent = _host_parent(root, rel)
+    target = os.path.join(parent, rel.rsplit("/", 1)[-1])
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return
+    if directory and stat.S_ISDIR(st.st_mode):
+        os.rmdir(target)
+    elif not directory and stat.S_ISREG(st.st_mode):
+        os.unlink(target)
+
+
+def _host_mkdir(root: str, rel: str) -> None:
+    parent = _host_parent(root, rel)
+    target = os.path.join(parent, rel.rsplit("/", 1)[-1])
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(target, 0o755)
+    if not stat.S_ISDIR(os.lstat(target).st_mode):
+        raise OSError(f"{target} exists and is not a directory")
+
+
+def _host_write(root: str, rel: str, data: bytes) -> None:
+    """Replace ``root/rel`` atomically (a temporary file renamed over it)."""
+    parent = _host_parent(root, rel)
+    target = os.path.join(parent, rel.rsplit("/", 1)[-1])
+    mode = 0o644
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(target)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(f"{target} is a directory")
+        if stat.S_ISREG(st.st_mode):
+            mode = stat.S_IMODE(st.st_mode)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".wasidispatch-")
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            os.fchmod(f.fileno(), mode)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _header(workload: Workload) -> bytes:
