@@ -17,8 +17,11 @@ from wasidispatch.engines import Engine, ExitReason, Limits, Preopen, Stdio, Wor
 
 pytest.importorskip("wasmer_sdk", reason="wasmer-sdk is not installed")
 
+from wasidispatch._bundles import wasm_bundle
 from wasidispatch.engines.wasmer import WasmerEngine
 from wasidispatch.errors import CantHandle
+from wasidispatch.executor import WasmExecutor
+from wasidispatch.oci.bundle import Bundle
 
 
 def _w(wasm: bytes | Path, *args: str, **kw: object) -> Workload:
@@ -312,3 +315,83 @@ def test_no_cache_directory_in_the_working_directory(
     finally:
         engine.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+# -- OCI bundles through WasmExecutor --------------------------------------------------------
+
+
+def _executor(engine: str | WasmerEngine) -> WasmExecutor:
+    return WasmExecutor(engine, stdin=Stdio.null(), stdout=Stdio.capture(), stderr=Stdio.capture())
+
+
+def test_bundle_with_readonly_root_is_refused_by_default(tmp_path: Path) -> None:
+    bundle = wasm_bundle(tmp_path / "b", build_c("hello"))
+    with pytest.raises(CantHandle, match="read-only"):
+        _executor("wasmer").validate(Bundle.load(bundle))
+
+
+def test_bundles_run_with_discard_writes(tmp_path: Path) -> None:
+    engine = WasmerEngine(discard_writes=True)
+    executor = _executor(engine)
+    out = tmp_path / "out"
+    out.mkdir()
+    try:
+        files = wasm_bundle(
+            tmp_path / "files",
+            build_c("files"),
+            ("/app.wasm", "read", "/etc/motd"),
+            extra_files={"/etc/motd": b"from the rootfs\n"},
+        )
+        read = executor.run(executor.prepare(files))
+        args = executor.run(
+            executor.prepare(wasm_bundle(tmp_path / "args", build_c("args"), ("/app.wasm", "é x")))
+        )
+        env = executor.run(
+            executor.prepare(
+                wasm_bundle(
+                    tmp_path / "env", build_c("env"), ("/app.wasm",), env=("A=1", "B=two words")
+                )
+            )
+        )
+        status = executor.exec(
+            Bundle.load(wasm_bundle(tmp_path / "exit", build_c("exit"), ("/app.wasm", "42")))
+        )
+        escape = executor.run(
+            executor.prepare(
+                wasm_bundle(
+                    tmp_path / "escape", build_c("files"), ("/app.wasm", "read", "/../config.json")
+                )
+            )
+        )
+        mount = {"destination": "/workspace/out", "type": "bind", "source": str(out)}
+        written = executor.run(
+            executor.prepare(
+                wasm_bundle(
+                    tmp_path / "mount",
+                    build_c("files"),
+                    ("/app.wasm", "write", "/workspace/out/result.txt", "done"),
+                    mounts=[{**mount, "options": ["rbind", "rw"]}],
+                )
+            )
+        )
+        rootfs_write = executor.run(
+            executor.prepare(
+                wasm_bundle(
+                    tmp_path / "rootw", build_c("files"), ("/app.wasm", "write", "/new.txt", "x")
+                )
+            )
+        )
+    finally:
+        engine.close()
+    assert read.ok, read
+    assert read.stdout == b"from the rootfs\n"
+    assert args.stdout == "2\n/app.wasm\né x\n".encode()
+    assert env.stdout is not None
+    assert sorted(env.stdout.decode().splitlines()) == ["A=1", "B=two words"]
+    assert status == 42
+    assert escape.exit_code == 1  # the bundle dir (config.json) is not visible
+    assert written.ok, written
+    assert (out / "result.txt").read_text() == "done"
+    # The read-only rootfs's deviation: the write succeeds in the run, the host is untouched.
+    assert rootfs_write.ok
+    assert not (tmp_path / "rootw" / "rootfs" / "new.txt").exists()
