@@ -105,13 +105,6 @@ if TYPE_CHECKING:
     from typing import Any
 
     from wasidispatch.cache import CachedArtifact, CacheEntry, CacheStats, PrecompileCache
-    from wasidispatch.executor import Decision as Decision
-    from wasidispatch.executor import DispatchExecutor as DispatchExecutor
-    from wasidispatch.executor import Evidence as Evidence
-    from wasidispatch.executor import Executor as Executor
-    from wasidispatch.executor import LinuxExecutor as LinuxExecutor
-    from wasidispatch.executor import WasmExecutor as WasmExecutor
-    from wasidispatch.executor import decide as decide
     from wasidispatch.detect import Detected as Detected
     from wasidispatch.detect import ElfInfo as ElfInfo
     from wasidispatch.detect import ScriptInfo as ScriptInfo
@@ -154,6 +147,13 @@ if TYPE_CHECKING:
         SpecError,
         WasiDispatchError,
     )
+    from wasidispatch.executor import Decision as Decision
+    from wasidispatch.executor import DispatchExecutor as DispatchExecutor
+    from wasidispatch.executor import Evidence as Evidence
+    from wasidispatch.executor import Executor as Executor
+    from wasidispatch.executor import LinuxExecutor as LinuxExecutor
+    from wasidispatch.executor import WasmExecutor as WasmExecutor
+    from wasidispatch.executor import decide as decide
     from wasidispatch.oci.bundle import Bundle
     from wasidispatch.oci.image import (
         Descriptor,

@@ -76,6 +76,9 @@ ANNOTATION_ENGINE = "dev.wasidispatch.engine"
 #: wasmtime-py engine (it does components), then Wasmer.
 DEFAULT_ENGINES: tuple[str, ...] = ("wasmtime-fast", "wasmtime", "wasmer")
 
+#: Options the executor gives engines it loads by name (see `WasmExecutor`).
+_ENGINE_OPTIONS: dict[str, dict[str, object]] = {"wasmer": {"discard_writes": True}}
+
 _WASM_HANDLERS = frozenset({"wasm", "wasi", "wasmtime", "wasmer", "wasmedge", "wamr"})
 _WASM_FORMATS = frozenset({"wasm-module", "wasm-component"})
 
@@ -259,6 +262,13 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def _stdin_is_tty() -> bool:
+    try:
+        return os.isatty(0)
+    except OSError:
+        return False
+
+
 def _is_bind(mount_type: str | None, options: Sequence[str]) -> bool:
     return mount_type == "bind" or "bind" in options or "rbind" in options
 
@@ -336,7 +346,11 @@ class WasmExecutor:
             from wasidispatch import engines
 
             try:
-                got = engines.get(choice)
+                # Wasmer cannot make a read-only preopen refuse writes; for a container the
+                # promise that matters is that the host rootfs is never changed, which its
+                # copy-on-write mirror keeps (docs/dispatch.md, "Engines that mirror").
+                options = _ENGINE_OPTIONS.get(choice, {})
+                got = engines.get(choice, **options)
             except Exception as exc:  # EngineUnavailable and friends: remembered, reported
                 got = exc
             self._loaded[choice] = got
@@ -350,20 +364,30 @@ class WasmExecutor:
             return (named,)
         return self._choices
 
-    def select_engine(self, workload: Workload, bundle: Bundle) -> tuple[Engine, tuple[str, ...]]:
-        """The first engine that honours ``workload``, and why the earlier ones were passed."""
+    def select_engine(
+        self, workload: Workload, bundle: Bundle
+    ) -> tuple[Engine, Workload, tuple[str, ...]]:
+        """The first engine that honours ``workload`` (possibly adapted: see the notes), and
+        why the earlier ones were passed over."""
         notes: list[str] = []
         for choice in self._candidates(bundle):
             label = choice if isinstance(choice, str) else choice.name
             try:
                 engine = self._engine(choice)
             except Exception as exc:
-                notes.append(f"{label}: unavailable ({exc})")
+                notes.append(f"passed over {label}: unavailable ({exc})")
                 continue
             verdict = engine.can_handle(workload)
             if verdict:
-                return engine, tuple(notes)
-            notes.append(f"{label}: {verdict.reason}")
+                return engine, workload, tuple(notes)
+            if workload.stdin.kind == "inherit" and not _stdin_is_tty():
+                # An engine that cannot share fd 0 can still read it to the end first, which
+                # is what a container's piped or /dev/null stdin amounts to.
+                piped = replace(workload, stdin=Stdio.file("/dev/stdin"))
+                if engine.can_handle(piped):
+                    note = f"{label}: stdin is read to EOF before the guest starts"
+                    return engine, piped, (*notes, note)
+            notes.append(f"passed over {label}: {verdict.reason}")
         raise CantHandle("no Wasm engine can run this container: " + "; ".join(notes))
 
     # -- mapping
@@ -435,10 +459,10 @@ class WasmExecutor:
         if decision.kind != "wasm":
             raise CantHandle(f"not a Wasm container ({decision.reason})")
         workload = self.workload(bundle, layers=layers, entrypoint=decision.entrypoint)
-        engine, notes = self.select_engine(workload, bundle)
+        engine, workload, notes = self.select_engine(workload, bundle)
         evidence = (
             *decision.evidence,
-            *(Evidence("engine", f"passed over {note}") for note in notes),
+            *(Evidence("engine", note) for note in notes),
             Evidence("engine", f"runs on {engine.name}"),
         )
         decision = replace(decision, executor=self.name, evidence=evidence)

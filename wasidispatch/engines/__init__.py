@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib
 import threading
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any, Literal
 
 from wasidispatch.engines._api import (
@@ -115,6 +114,8 @@ class EngineInfo:
 
 
 def _scan_entry_points() -> dict[str, _Spec]:
+    from importlib import metadata  # ~20 ms: only when a name is not a built-in
+
     found: dict[str, _Spec] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in _BUILTIN or ep.name in found:
@@ -184,10 +185,12 @@ def get(name: str, **options: Any) -> Engine:
     ``pip install`` to run), `EngineError` when the class does not satisfy `Engine` or
     refuses the options.
     """
-    specs = _specs()
-    spec = specs.get(name)
+    spec = _BUILTIN.get(name)  # built-ins win anyway: no entry-point scan for them
     if spec is None:
-        raise EngineUnavailable(f"unknown engine {name!r}; known: {', '.join(specs)}")
+        specs = _specs()
+        spec = specs.get(name)
+        if spec is None:
+            raise EngineUnavailable(f"unknown engine {name!r}; known: {', '.join(specs)}")
     if not options:
         with _lock:
             shared = _shared.get(name)
