@@ -21,13 +21,32 @@ Contenders:
 * ``hit, new instance``: a fresh `PrecompileCache` each time (constructor with its directory
   checks included), so the artifact's sha256 is checked in full: the first hit of a process.
 
-The engine here is a protocol-conforming wrapper of one ``wasmtime.Engine`` whose artifacts are
-wasmtime's raw ``serialize()`` output, so that the path the cache hands out can go straight to
-``deserialize_file`` (`WasmtimeEngine` wraps its artifacts in an envelope it verifies itself).
+The engine of the groups above is a protocol-conforming wrapper of one ``wasmtime.Engine``
+whose artifacts are wasmtime's raw ``serialize()`` output, so that the path the cache hands out
+can go straight to ``deserialize_file``.
+
+Groups ``cache <size> engines`` (small and 1mb) do the same through the real engines, whose
+artifacts carry wasidispatch's envelope trailer; the ``deserialize_file`` rows are the floor,
+wasmtime's own load of the same serialized module (the engine's configuration) from a plain
+file:
+
+* ``deserialize_file (wasmtime-py)``: ``Module.deserialize_file`` on `WasmtimeEngine`'s
+  wasmtime engine;
+* ``hit+WasmtimeEngine load``: ``cache.artifact`` then the engine's own loading of
+  ``Workload(precompiled=path)`` (what `WasmtimeEngine.run` does before instantiating);
+* ``deserialize_file (C API)+prepare``: ``wasmtime_module_deserialize_file`` through the cffi
+  binding, then `PreparedModule` (imports resolved, ``InstancePre``);
+* ``hit+FastWasmtime.prepare``: ``cache.artifact`` then
+  ``FastWasmtime.prepare(precompiled=path)``, the load `FastWasmtimeEngine` does on a miss of
+  its in-memory cache;
+* ``hit+run WasmtimeEngine`` / ``hit+run FastWasmtimeEngine``: ``cache.artifact`` then a whole
+  ``Engine.run`` (stdout captured). ``FastWasmtimeEngine`` keeps prepared modules in memory
+  keyed by the artifact's sha256, so its steady state loads nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import subprocess
@@ -40,7 +59,9 @@ import wasmtime.component as wtc
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from wasidispatch.cache import PrecompileCache
-from wasidispatch.engines import Capabilities
+from wasidispatch.engines import Capabilities, Engine, Stdio, Workload
+from wasidispatch.engines._wasmtime_cffi import FastWasmtimeEngine, PreparedModule
+from wasidispatch.engines.wasmtime import WasmtimeEngine
 
 HELLO_WAT = """
 (module
@@ -74,7 +95,7 @@ world bench {
 
 def big_module_wat(functions: int = 1400, steps: int = 40) -> str:
     """A module of ``functions`` exported functions, each a chain of integer arithmetic."""
-    out = ["(module"]
+    out = ['(module (func (export "_start"))']
     for i in range(functions):
         body = " ".join(
             f"(local.set $a (i32.add (i32.mul (local.get $a) (i32.const {(i * 31 + j) % 997 + 3}))"
@@ -265,3 +286,148 @@ def test_hit_in_a_new_instance(
         return art.hit
 
     assert benchmark(first_hit)
+
+
+# -- the real engines ---------------------------------------------------------------------------
+
+
+class EngineInput:
+    """One input cached for one real engine, plus the bare serialized module as the floor."""
+
+    def __init__(self, path: Path, root: Path, engine: Engine) -> None:
+        self.path = path
+        wasm = path.read_bytes()
+        self.digest = "sha256:" + hashlib.sha256(wasm).hexdigest()
+        self.engine = engine
+        self.cache = PrecompileCache(root / f"cache-{engine.name}-{path.stem}")
+        art = self.cache.artifact(engine, path, digest=self.digest)
+        assert art is not None
+        self.workload = Workload(wasm=path, argv=("app",), stdout=Stdio.capture())
+        self.raw = root / f"{engine.name}-{path.stem}.cwasm"  # the floor's plain file
+        if isinstance(engine, WasmtimeEngine):
+            self.raw.write_bytes(bytes(wasmtime.Module(_wasmtime_of(engine), wasm).serialize()))
+        else:
+            assert isinstance(engine, FastWasmtimeEngine)
+            from wasidispatch.engines._wasmtime_cffi import _native
+
+            fast = engine._fast((False, None))
+            module = _native.compile_module(fast._loaded, fast._engine, wasm)
+            self.raw.write_bytes(_native.serialize_module(fast._loaded, module))
+
+    def hit(self) -> Path:
+        art = self.cache.artifact(self.engine, self.path, digest=self.digest)
+        assert art is not None
+        return art.path
+
+
+def _wasmtime_of(engine: WasmtimeEngine) -> wasmtime.Engine:
+    from wasidispatch.engines.wasmtime import _Profile
+
+    return engine._runtime(_Profile()).engine
+
+
+@pytest.fixture(scope="module")
+def engine_inputs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[tuple[str, str], EngineInput]:
+    root = tmp_path_factory.mktemp("bench-cache-engines")
+    small = root / "small.wasm"
+    small.write_bytes(wasmtime.wat2wasm(HELLO_WAT))
+    big = root / "big.wasm"
+    big.write_bytes(wasmtime.wat2wasm(big_module_wat()))
+    made: dict[tuple[str, str], EngineInput] = {}
+    for engine in (WasmtimeEngine(), FastWasmtimeEngine()):
+        for size, path in (("small", small), ("1mb", big)):
+            made[engine.name, size] = EngineInput(path, root, engine)
+    return made
+
+
+ENGINE_SIZES = ["small", "1mb"]
+
+
+@pytest.mark.parametrize("size", ENGINE_SIZES)
+def test_engine_deserialize_file_wasmtime_py(
+    benchmark: BenchmarkFixture, engine_inputs: dict[tuple[str, str], EngineInput], size: str
+) -> None:
+    item = engine_inputs["wasmtime", size]
+    assert isinstance(item.engine, WasmtimeEngine)
+    engine = _wasmtime_of(item.engine)
+    benchmark.group = f"cache {size} engines"
+    benchmark.name = "deserialize_file (wasmtime-py)"
+    benchmark(wasmtime.Module.deserialize_file, engine, str(item.raw))
+
+
+@pytest.mark.parametrize("size", ENGINE_SIZES)
+def test_engine_hit_and_wasmtime_load(
+    benchmark: BenchmarkFixture, engine_inputs: dict[tuple[str, str], EngineInput], size: str
+) -> None:
+    from wasidispatch.engines.wasmtime import _Profile
+
+    item = engine_inputs["wasmtime", size]
+    engine = item.engine
+    assert isinstance(engine, WasmtimeEngine)
+    runtime = engine._runtime(_Profile())
+    benchmark.group = f"cache {size} engines"
+    benchmark.name = "hit+WasmtimeEngine load"
+
+    def load() -> object:
+        workload = Workload(wasm=item.path, precompiled=item.hit())
+        return engine._load(runtime, _Profile(), workload)
+
+    kind, _ = benchmark(load)
+    assert kind == "module"
+
+
+@pytest.mark.parametrize("size", ENGINE_SIZES)
+def test_engine_deserialize_file_c_api(
+    benchmark: BenchmarkFixture, engine_inputs: dict[tuple[str, str], EngineInput], size: str
+) -> None:
+    item = engine_inputs["wasmtime-fast", size]
+    assert isinstance(item.engine, FastWasmtimeEngine)
+    fast = item.engine._fast((False, None))
+    ffi, lib = fast._loaded.ffi, fast._loaded.lib
+    raw = str(item.raw).encode()
+    benchmark.group = f"cache {size} engines"
+    benchmark.name = "deserialize_file (C API)+prepare"
+
+    def load() -> PreparedModule:
+        out = ffi.new("wasmtime_module_t **")
+        err = lib.wasmtime_module_deserialize_file(fast._engine, raw, out)
+        assert err == ffi.NULL
+        return PreparedModule(fast, ffi.gc(out[0], lib.wasmtime_module_delete), wasi=True)
+
+    assert benchmark(load).functions
+
+
+@pytest.mark.parametrize("size", ENGINE_SIZES)
+def test_engine_hit_and_fast_prepare(
+    benchmark: BenchmarkFixture, engine_inputs: dict[tuple[str, str], EngineInput], size: str
+) -> None:
+    item = engine_inputs["wasmtime-fast", size]
+    assert isinstance(item.engine, FastWasmtimeEngine)
+    fast = item.engine._fast((False, None))
+    benchmark.group = f"cache {size} engines"
+    benchmark.name = "hit+FastWasmtime.prepare"
+    assert benchmark(lambda: fast.prepare(precompiled=item.hit())).functions
+
+
+@pytest.mark.parametrize("engine_name", ["wasmtime", "wasmtime-fast"])
+@pytest.mark.parametrize("size", ENGINE_SIZES)
+def test_engine_hit_and_run(
+    benchmark: BenchmarkFixture,
+    engine_inputs: dict[tuple[str, str], EngineInput],
+    size: str,
+    engine_name: str,
+) -> None:
+    item = engine_inputs[engine_name, size]
+    engine = item.engine
+    label = "WasmtimeEngine" if engine_name == "wasmtime" else "FastWasmtimeEngine"
+    benchmark.group = f"cache {size} engines"
+    benchmark.name = f"hit+run {label}"
+
+    def run() -> bytes | None:
+        result = engine.run(dataclasses.replace(item.workload, precompiled=item.hit()))
+        assert result.ok
+        return result.stdout
+
+    assert benchmark(run) == (b"hello\n" if size == "small" else b"")
