@@ -3,12 +3,26 @@
 What every engine has to do the same way lives here, so that the engines agree on it:
 telling a core module from a component by its header, checking preopens, mapping the
 workload's ``cwd`` onto a preopen, and the envelope around precompiled artifacts.
+
+The envelope is a trailer: ``payload || trailer`` (see `seal_envelope`), so a file holding an
+artifact can be mapped by the engine's file loader as it is. What is verified where:
+
+- bytes (`open_envelope`): everything, including the payload's sha256, on every load;
+- a path (`open_envelope_file`): the trailer (magic, format, fingerprint, kind) and that
+  payload plus trailer is exactly the file's size, but not the payload's sha256: paths come
+  only from callers who wrote and verified the file (the `Workload.precompiled` contract),
+  above all from `wasidispatch.cache.PrecompileCache`, which checks the whole entry's sha256
+  before handing out its path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import stat
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -17,10 +31,14 @@ from wasidispatch.engines._api import Preopen, Workload
 from wasidispatch.errors import CompileError, EngineError, IncompatibleArtifact
 
 __all__ = [
+    "TRAILER_SIZE",
+    "Artifact",
+    "ArtifactFile",
     "WasmKind",
     "check_preopens",
     "cwd_preopen",
     "open_envelope",
+    "open_envelope_file",
     "seal_envelope",
     "wasm_kind",
 ]
@@ -97,48 +115,190 @@ def cwd_preopen(workload: Workload) -> Preopen | None:
     return Preopen(host, ".", readonly=pre.readonly)
 
 
-# Precompiled artifacts travel in an envelope so that an engine's deserializer only ever
-# sees bytes this library wrote: magic, the fingerprint of the engine configuration that
-# made them, the kind, and a SHA-256 of the payload (wasmtime's deserialize trusts its input).
-_ENVELOPE_MAGIC = b"WDPCA\x01"
-_HEADER = struct.Struct("<6s64s1s32s")
+# -- the envelope of precompiled artifacts ------------------------------------------------------
+#
+# An artifact is ``payload || trailer``: the engine's own serialized bytes, then a fixed-size
+# trailer. The payload comes first so that a file holding an artifact can be handed to the
+# engine's file-mapped loader unchanged (wasmtime's ``deserialize_file``): wasmtime's artifact
+# is an ELF image that records its own extent, and wasmtime 50 ignores bytes after it, both
+# when loading a file and when loading bytes (checked by ``tests/test_engine_wasmtime.py``).
+_TRAILER_MAGIC = b"WDPCATRL"
+_FORMAT_VERSION = 2  # version 1 was a header in front of the payload (magic b"WDPCA\x01")
+_OLD_MAGIC = b"WDPCA\x01"
+# magic, format version, fingerprint (64 hex chars), kind (b"m"/b"c"), payload length, sha256
+_TRAILER = struct.Struct("<8sH64s1s5xQ32s")
+
+#: Size in bytes of the trailer `seal_envelope` appends to an engine's artifact.
+TRAILER_SIZE = _TRAILER.size
+
+_KINDS: dict[bytes, WasmKind] = {b"m": "module", b"c": "component"}
 
 
-def seal_envelope(fingerprint: str, kind: WasmKind, payload: bytes) -> bytes:
-    """Wrap an engine's native artifact with its fingerprint, kind and digest."""
+def seal_envelope(fingerprint: str, kind: WasmKind, payload: bytes | bytearray) -> bytes:
+    """An engine's native artifact followed by wasidispatch's trailer: magic, format version,
+    the engine ``fingerprint``, the ``kind``, the payload's length and its sha256.
+
+    Example::
+
+        >>> sealed = seal_envelope("ab" * 32, "module", b"native bytes")
+        >>> sealed[:12], len(sealed) == 12 + TRAILER_SIZE
+        (b'native bytes', True)
+        >>> bytes(open_envelope(sealed, "ab" * 32).payload)
+        b'native bytes'
+    """
     fp = fingerprint.encode("ascii")
     if len(fp) != 64:
         raise ValueError("fingerprint must be 64 hex characters")
-    header = _HEADER.pack(_ENVELOPE_MAGIC, fp, kind[0].encode(), hashlib.sha256(payload).digest())
-    return header + payload
+    trailer = _TRAILER.pack(
+        _TRAILER_MAGIC,
+        _FORMAT_VERSION,
+        fp,
+        kind[0].encode(),
+        len(payload),
+        hashlib.sha256(payload).digest(),
+    )
+    return bytes(payload) + trailer
 
 
 @dataclass(frozen=True, slots=True)
 class Artifact:
-    """An opened, verified envelope."""
+    """An envelope opened from bytes: every field of the trailer and the payload's sha256
+    were checked. ``payload`` is a view of the caller's bytes (no copy)."""
 
     kind: WasmKind
-    payload: bytes
+    payload: memoryview
+    sha256: bytes
 
 
-def open_envelope(data: bytes, fingerprint: str) -> Artifact:
-    """Verify and open an envelope made by `seal_envelope` for ``fingerprint``.
+@dataclass(frozen=True, slots=True)
+class ArtifactFile:
+    """An envelope opened from a file by `open_envelope_file`: its trailer was checked, its
+    payload was not hashed (see there). ``path`` is what to give the engine's file loader
+    while the ``with`` block is open (``/proc/self/fd/N`` of the checked file where there
+    is a ``/proc``); ``sha256`` is the digest the trailer records."""
 
-    Raises `IncompatibleArtifact` for anything else: foreign bytes, another engine,
-    version or configuration, a truncated or altered payload.
-    """
-    if len(data) < _HEADER.size:
-        raise IncompatibleArtifact("precompiled artifact is truncated or not made by wasidispatch")
-    magic, fp, kind, digest = _HEADER.unpack_from(data)
-    if magic != _ENVELOPE_MAGIC:
+    kind: WasmKind
+    path: str
+    payload_size: int
+    sha256: bytes
+
+
+def _incompatible_old_or_foreign(head: bytes) -> IncompatibleArtifact:
+    if head.startswith(_OLD_MAGIC):
+        return IncompatibleArtifact(
+            "precompiled artifact has the envelope of an older wasidispatch (format 1); "
+            "precompile the module again"
+        )
+    return IncompatibleArtifact("precompiled artifact was not made by wasidispatch")
+
+
+def _check_trailer(trailer: bytes, fingerprint: str, total: int) -> tuple[WasmKind, int, bytes]:
+    """``(kind, payload length, recorded sha256)`` of a trailer that says it closes an
+    artifact of ``total`` bytes made for ``fingerprint``; `IncompatibleArtifact` otherwise."""
+    magic, version, fp, kind, length, digest = _TRAILER.unpack(trailer)
+    if magic != _TRAILER_MAGIC:
         raise IncompatibleArtifact("precompiled artifact was not made by wasidispatch")
+    if version != _FORMAT_VERSION:
+        raise IncompatibleArtifact(
+            f"precompiled artifact has envelope format {version}, this wasidispatch reads "
+            f"format {_FORMAT_VERSION}; precompile the module again"
+        )
     if fp != fingerprint.encode("ascii"):
         raise IncompatibleArtifact(
             "precompiled artifact was made by another engine, engine version or configuration"
         )
-    payload = bytes(memoryview(data)[_HEADER.size :])
+    if kind not in _KINDS:
+        raise IncompatibleArtifact("precompiled artifact has an unknown kind")
+    if length == 0 or length + TRAILER_SIZE != total:
+        raise IncompatibleArtifact(
+            f"precompiled artifact is truncated or extended: its trailer records a "
+            f"{length}-byte payload, but {total - TRAILER_SIZE} bytes precede it"
+        )
+    return _KINDS[kind], length, digest
+
+
+def open_envelope(data: bytes | bytearray | memoryview, fingerprint: str) -> Artifact:
+    """Verify and open an envelope made by `seal_envelope` for ``fingerprint``.
+
+    Everything is checked: the trailer's magic, format version, fingerprint and kind, that
+    the payload has the recorded length, and its sha256. Raises `IncompatibleArtifact` for
+    anything else: foreign bytes, another engine, version or configuration, an envelope of
+    an older format, a truncated, extended or altered artifact.
+    """
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError as exc:
+        raise IncompatibleArtifact(
+            f"a precompiled artifact is bytes or a Path, not {type(data).__name__}"
+        ) from exc
+    if len(view) < TRAILER_SIZE:
+        raise _incompatible_old_or_foreign(bytes(view[: len(_OLD_MAGIC)]))
+    trailer = bytes(view[-TRAILER_SIZE:])
+    if trailer[: len(_TRAILER_MAGIC)] != _TRAILER_MAGIC:
+        raise _incompatible_old_or_foreign(bytes(view[: len(_OLD_MAGIC)]))
+    kind, length, digest = _check_trailer(trailer, fingerprint, len(view))
+    payload = view[:length]
     if hashlib.sha256(payload).digest() != digest:
         raise IncompatibleArtifact("precompiled artifact is corrupt (digest mismatch)")
-    if kind not in (b"m", b"c"):
-        raise IncompatibleArtifact("precompiled artifact has an unknown kind")
-    return Artifact("module" if kind == b"m" else "component", payload)
+    return Artifact(kind, payload, digest)
+
+
+_PROC_FD: bool | None = None  # whether /proc/self/fd names this process's open files
+
+
+def _proc_fd() -> bool:
+    global _PROC_FD
+    if _PROC_FD is None:
+        _PROC_FD = os.path.isdir("/proc/self/fd")
+    return _PROC_FD
+
+
+@contextlib.contextmanager
+def open_envelope_file(path: Path, fingerprint: str) -> Iterator[ArtifactFile]:
+    """Open the artifact file ``path``, check its trailer, and yield what the engine's
+    file-mapped loader needs (``with open_envelope_file(p, fp) as art: load(art.path)``).
+
+    What is checked: the file is a regular file; it ends in a trailer with the right magic,
+    format version, ``fingerprint`` and a known kind; and the recorded payload length plus
+    the trailer is exactly the file's size (a truncated or extended file fails). Anything
+    else is `IncompatibleArtifact`, as is a file that cannot be opened. Only the trailer is
+    read (one ``pread`` at the end): the whole point is to let the engine map the file.
+
+    What is *not* checked: the payload's sha256 (hashing a multi-megabyte artifact costs
+    milliseconds, 30x the mapped load). This is sound because of who hands out paths: the
+    `Workload.precompiled` contract is that callers pass only artifacts they wrote and
+    verified themselves, and `wasidispatch.cache.PrecompileCache` checks the sha256 of the
+    whole entry (payload and trailer) before it hands out a path, in a directory only this
+    user can write. The trailer checks catch what can still happen by mistake: a file of
+    another engine or configuration, of an older wasidispatch, or cut short. Callers who
+    cannot vouch for a file pass its bytes instead, which `open_envelope` verifies in full.
+
+    The yielded ``path`` is ``/proc/self/fd/N`` of the descriptor that was checked, so the
+    engine maps that very file even if ``path`` is renamed, replaced or unlinked meanwhile
+    (only a write into the file itself, by someone who may write it, could still change it);
+    without ``/proc`` it is ``str(path)``. The descriptor is closed when the block ends.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except (OSError, ValueError) as exc:
+        raise IncompatibleArtifact(f"cannot read precompiled artifact {path}: {exc}") from exc
+    try:
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IncompatibleArtifact(f"precompiled artifact {path} is not a regular file")
+            size = st.st_size
+            if size < TRAILER_SIZE:
+                raise _incompatible_old_or_foreign(os.pread(fd, len(_OLD_MAGIC), 0))
+            trailer = os.pread(fd, TRAILER_SIZE, size - TRAILER_SIZE)
+            if len(trailer) != TRAILER_SIZE:  # shrunk since fstat
+                raise IncompatibleArtifact(f"precompiled artifact {path} is truncated")
+            if trailer[: len(_TRAILER_MAGIC)] != _TRAILER_MAGIC:
+                raise _incompatible_old_or_foreign(os.pread(fd, len(_OLD_MAGIC), 0))
+        except OSError as exc:
+            raise IncompatibleArtifact(f"cannot read precompiled artifact {path}: {exc}") from exc
+        kind, length, digest = _check_trailer(trailer, fingerprint, size)
+        mapped = f"/proc/self/fd/{fd}" if _proc_fd() else str(path)
+        yield ArtifactFile(kind, mapped, length, digest)
+    finally:
+        os.close(fd)

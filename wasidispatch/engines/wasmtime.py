@@ -19,8 +19,11 @@ wasmtime's exceptions and `RunResult`/wasidispatch errors. How the odd parts are
   from ``wasm`` (a precompiled artifact is made for the default configuration only).
 - **max_wasm_stack**: wasmtime aborts the whole process for 0 or above its 2 MiB async stack,
   so `can_handle` refuses those values before wasmtime sees them.
-- **Precompiled artifacts** are wrapped in wasidispatch's envelope (fingerprint + SHA-256);
-  only verified payloads reach `Module.deserialize`.
+- **Precompiled artifacts** carry wasidispatch's envelope trailer (fingerprint, kind, length,
+  SHA-256) after wasmtime's own bytes. Bytes are verified in full before `Module.deserialize`;
+  a path (as `PrecompileCache` hands out, its sha256 already checked) has its trailer and
+  size checked and is then mapped by `Module.deserialize_file`, without re-hashing the
+  payload (see `wasidispatch.engines._support.open_envelope_file` for why that is sound).
 - **stdin bytes** go through a temporary file (wasmtime-py exposes no in-memory stdin); it is
   removed when the run ends. Captured stdout/stderr use wasmtime's custom output callbacks.
 - **cwd**: see `wasidispatch.engines._support.cwd_preopen`.
@@ -63,6 +66,7 @@ from wasidispatch.engines._support import (
     check_preopens,
     cwd_preopen,
     open_envelope,
+    open_envelope_file,
     seal_envelope,
     wasm_kind,
 )
@@ -361,21 +365,7 @@ class WasmtimeEngine:
         self, runtime: _Runtime, profile: _Profile, workload: Workload
     ) -> tuple[WasmKind, wasmtime.Module | wtc.Component]:
         if workload.precompiled is not None and profile == _Profile():
-            data = workload.precompiled
-            if isinstance(data, Path):
-                try:
-                    data = data.read_bytes()
-                except OSError as exc:
-                    raise IncompatibleArtifact(f"cannot read precompiled artifact: {exc}") from exc
-            artifact = open_envelope(data, self.fingerprint())
-            try:
-                if artifact.kind == "module":
-                    return "module", wasmtime.Module.deserialize(runtime.engine, artifact.payload)
-                return "component", wtc.Component.deserialize(runtime.engine, artifact.payload)
-            except wasmtime.WasmtimeError as exc:
-                raise IncompatibleArtifact(
-                    f"wasmtime refused the precompiled artifact: {_first_line(exc)}"
-                ) from exc
+            return self._load_precompiled(runtime, workload.precompiled)
         try:
             wasm = workload.wasm_bytes()
         except OSError as exc:
@@ -393,6 +383,32 @@ class WasmtimeEngine:
             while len(self._compiled) > self._cache_size:
                 self._compiled.popitem(last=False)
         return kind, compiled
+
+    def _load_precompiled(
+        self, runtime: _Runtime, precompiled: bytes | Path
+    ) -> tuple[WasmKind, wasmtime.Module | wtc.Component]:
+        """Load an artifact of `precompile`: a path is checked by its trailer and mapped by
+        ``deserialize_file``; bytes are verified in full (see `_support`)."""
+        fingerprint = self.fingerprint()
+        try:
+            if isinstance(precompiled, Path):
+                with open_envelope_file(precompiled, fingerprint) as art:
+                    if art.kind == "module":
+                        return "module", wasmtime.Module.deserialize_file(runtime.engine, art.path)
+                    return "component", wtc.Component.deserialize_file(runtime.engine, art.path)
+            opened = open_envelope(precompiled, fingerprint)
+            # wasmtime-py copies what it is given; the whole envelope saves copying the
+            # payload out first (wasmtime ignores the bytes after its artifact, the trailer).
+            data = (
+                precompiled if isinstance(precompiled, bytes | bytearray) else bytes(opened.payload)
+            )
+            if opened.kind == "module":
+                return "module", wasmtime.Module.deserialize(runtime.engine, data)
+            return "component", wtc.Component.deserialize(runtime.engine, data)
+        except wasmtime.WasmtimeError as exc:
+            raise IncompatibleArtifact(
+                f"wasmtime refused the precompiled artifact: {_first_line(exc)}"
+            ) from exc
 
     # -- WASI context ----------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """``wasmtime-fast``: the cffi fast path behind the `Engine` protocol.
 
 It runs what the ``wasmtime`` engine runs for core modules, the same way (the same
-`Workload` -> `RunResult` mapping, the same envelope for precompiled artifacts, the same
+`Workload` -> `RunResult` mapping, the same envelope for precompiled artifacts (bytes verified
+in full; a path checked by its trailer and mapped with ``wasmtime_module_deserialize_file``),
+the same
 handling of ``cwd``, limits and stdio; see `wasidispatch.engines.wasmtime`), but every run
 instantiates a cached `PreparedModule` in a fresh store. Differences: components are refused
 (`can_handle` says so: the ``wasmtime`` engine runs them), stdin bytes go straight to
@@ -28,11 +30,12 @@ from wasidispatch.engines._support import (
     check_preopens,
     cwd_preopen,
     open_envelope,
+    open_envelope_file,
     wasm_kind,
 )
 from wasidispatch.engines._wasmtime_cffi._fast import FastWasmtime, PreparedModule
 from wasidispatch.engines._wasmtime_cffi._native import MAX_WASM_STACK
-from wasidispatch.errors import CantHandle, CompileError, IncompatibleArtifact
+from wasidispatch.errors import CantHandle, CompileError
 
 __all__ = ["FastWasmtimeEngine"]
 
@@ -189,16 +192,20 @@ class FastWasmtimeEngine:
         fast = self._fast(profile)
         if workload.precompiled is not None and profile == _DEFAULT:
             data = workload.precompiled
+            # Prepared modules are kept by the artifact's sha256: verified for bytes, and for
+            # a path the one its trailer records (paths come checked, see open_envelope_file),
+            # so a hit costs one trailer read and no hashing.
             if isinstance(data, Path):
-                try:
-                    data = data.read_bytes()
-                except OSError as exc:
-                    raise IncompatibleArtifact(f"cannot read precompiled artifact: {exc}") from exc
-            artifact = open_envelope(data, fast.fingerprint())  # verify before anything else
-            if artifact.kind != "module":
+                with open_envelope_file(data, fast.fingerprint()) as art:
+                    if art.kind != "module":
+                        raise CantHandle("the wasmtime fast path runs core modules only")
+                    key = (profile, b"artifact:" + art.sha256)
+                    return self._cached(key, lambda: fast._prepare_artifact(art, wasi=True))
+            opened = open_envelope(data, fast.fingerprint())  # verify before anything else
+            if opened.kind != "module":
                 raise CantHandle("the wasmtime fast path runs core modules only")
-            key = (profile, b"artifact:" + hashlib.sha256(artifact.payload).digest())
-            return self._cached(key, lambda: fast.prepare(precompiled=data))
+            key = (profile, b"artifact:" + opened.sha256)
+            return self._cached(key, lambda: fast._prepare_artifact(opened, wasi=True))
         try:
             wasm = workload.wasm_bytes()
         except OSError as exc:

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from wasidispatch.engines._api import (
     TRAP_EXIT_CODE,
@@ -56,7 +56,10 @@ from wasidispatch.engines._wasmtime_cffi._native import (
     EngineConfig,
     FuncSig,
 )
-from wasidispatch.errors import CantHandle, EngineError, IncompatibleArtifact
+from wasidispatch.errors import CantHandle, EngineError
+
+if TYPE_CHECKING:
+    from wasidispatch.engines._support import Artifact, ArtifactFile
 
 __all__ = ["TICK", "CallResult", "FastWasmtime", "PreparedModule", "WasmValue"]
 
@@ -267,33 +270,46 @@ class FastWasmtime:
         """Compile ``wasm`` (or load ``precompiled``, made by `precompile` of an engine with
         the same fingerprint) and resolve its imports once.
 
+        ``precompiled`` bytes are verified in full (trailer and sha256) and deserialized from
+        memory; a ``precompiled`` path has its trailer and size checked and is then mapped
+        with ``wasmtime_module_deserialize_file``, without hashing the payload: pass only
+        paths you wrote and verified, as `wasidispatch.cache.PrecompileCache` hands out (see
+        `wasidispatch.engines._support.open_envelope_file`).
+
         ``wasi`` links WASI preview 1; without it the module may import nothing. Raises
         `CompileError` (not a valid core module), `CantHandle` (a component, or an import
         that cannot be satisfied), `IncompatibleArtifact` (an artifact from elsewhere).
         """
         # _support imports hashlib (OpenSSL): deferred to keep importing this module cheap.
-        from wasidispatch.engines._support import open_envelope, wasm_kind
+        from wasidispatch.engines._support import open_envelope, open_envelope_file, wasm_kind
 
         if (wasm is None) == (precompiled is None):
             raise EngineError("pass exactly one of wasm and precompiled")
         loaded = self._loaded
         if precompiled is not None:
-            data = precompiled
-            if isinstance(data, Path):
-                try:
-                    data = data.read_bytes()
-                except OSError as exc:
-                    raise IncompatibleArtifact(f"cannot read precompiled artifact: {exc}") from exc
-            artifact = open_envelope(data, self.fingerprint())
-            if artifact.kind != "module":
-                raise CantHandle("the wasmtime fast path runs core modules only")
-            module = _native.deserialize_module(loaded, self._engine, artifact.payload)
+            if isinstance(precompiled, Path):
+                with open_envelope_file(precompiled, self.fingerprint()) as art:
+                    return self._prepare_artifact(art, wasi=wasi)
+            return self._prepare_artifact(open_envelope(precompiled, self.fingerprint()), wasi=wasi)
+        assert wasm is not None
+        code = _native.read_path(wasm) if isinstance(wasm, Path) else wasm
+        if wasm_kind(bytes(code[:8])) != "module":
+            raise CantHandle("the wasmtime fast path runs core modules only, not components")
+        module = _native.compile_module(loaded, self._engine, code)
+        return PreparedModule(self, module, wasi=wasi)
+
+    def _prepare_artifact(self, art: Artifact | ArtifactFile, *, wasi: bool) -> PreparedModule:
+        """`prepare` from an opened envelope: verified bytes are deserialized from memory, a
+        checked file (still open: call this inside `open_envelope_file`'s block) is mapped
+        with ``wasmtime_module_deserialize_file``."""
+        from wasidispatch.engines._support import ArtifactFile
+
+        if art.kind != "module":
+            raise CantHandle("the wasmtime fast path runs core modules only")
+        if isinstance(art, ArtifactFile):
+            module = _native.deserialize_module_file(self._loaded, self._engine, art.path)
         else:
-            assert wasm is not None
-            code = _native.read_path(wasm) if isinstance(wasm, Path) else wasm
-            if wasm_kind(bytes(code[:8])) != "module":
-                raise CantHandle("the wasmtime fast path runs core modules only, not components")
-            module = _native.compile_module(loaded, self._engine, code)
+            module = _native.deserialize_module(self._loaded, self._engine, art.payload)
         return PreparedModule(self, module, wasi=wasi)
 
 

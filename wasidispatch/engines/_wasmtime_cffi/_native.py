@@ -10,6 +10,7 @@ create their store.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
@@ -22,6 +23,7 @@ __all__ = [
     "Linked",
     "compile_module",
     "deserialize_module",
+    "deserialize_module_file",
     "error_info",
     "import_modules",
     "module_exports",
@@ -181,6 +183,19 @@ def deserialize_module(loaded: Loaded, engine: CData, artifact: bytes | memoryvi
     out = ffi.new("wasmtime_module_t **")
     data = ffi.from_buffer("uint8_t[]", artifact)
     err = lib.wasmtime_module_deserialize(engine, data, len(data), out)
+    if err != ffi.NULL:
+        _raise_error(loaded, err, IncompatibleArtifact, "wasmtime refused the precompiled artifact")
+    return ffi.gc(out[0], lib.wasmtime_module_delete)
+
+
+def deserialize_module_file(loaded: Loaded, engine: CData, path: str) -> CData:
+    """Map and load a module serialized by this engine configuration from a file
+    (``wasmtime_module_deserialize_file``: the code is mapped, not copied). Bytes after
+    wasmtime's artifact (wasidispatch's trailer) are ignored by wasmtime. `IncompatibleArtifact`
+    when wasmtime refuses the file. Only checked, self-made artifacts may reach this function."""
+    ffi, lib = loaded.ffi, loaded.lib
+    out = ffi.new("wasmtime_module_t **")
+    err = lib.wasmtime_module_deserialize_file(engine, os.fsencode(path), out)
     if err != ffi.NULL:
         _raise_error(loaded, err, IncompatibleArtifact, "wasmtime refused the precompiled artifact")
     return ffi.gc(out[0], lib.wasmtime_module_delete)
