@@ -1,0 +1,76 @@
+"""runc's log: ``--log FILE`` and ``--log-format text|json``.
+
+containerd's runc shim reads the last ``"level":"error"`` line of ``<bundle>/log.json`` and
+shows its ``msg`` (``OCI runtime create failed: <msg>``), so errors are appended there as one
+JSON object per line. Without ``--log`` runc writes to stderr; so do we. Nothing is ever
+written to the container's own stdio when a log file is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+__all__ = ["RuntimeLog"]
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"
+
+
+class RuntimeLog:
+    """Append runc-style records to ``path`` (stderr when ``None``) in ``fmt`` (text|json).
+
+    Example::
+
+        >>> import tempfile, json, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "log.json")
+        >>> RuntimeLog(path, "json").error("container not running")
+        >>> json.loads(open(path).read())["msg"]
+        'container not running'
+    """
+
+    def __init__(self, path: str | None, fmt: str = "text", *, debug: bool = False) -> None:
+        self.path = path
+        self.fmt = fmt
+        self.debug_enabled = debug
+
+    def error(self, msg: str) -> None:
+        """Record an error (what containerd shows the user)."""
+        self._write("error", msg)
+
+    def warning(self, msg: str) -> None:
+        """Record a warning."""
+        self._write("warning", msg)
+
+    def debug(self, msg: str) -> None:
+        """Record a debug line when ``--debug`` was given."""
+        if self.debug_enabled:
+            self._write("debug", msg)
+
+    def _format(self, level: str, msg: str) -> str:
+        stamp = _now()
+        if self.fmt == "json":
+            return json.dumps({"level": level, "msg": msg, "time": stamp}) + "\n"
+        return f"time={json.dumps(stamp)} level={level} msg={json.dumps(msg)}\n"
+
+    def _write(self, level: str, msg: str) -> None:
+        line = self._format(level, msg)
+        if self.path is None:
+            try:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            except OSError:
+                pass
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)

@@ -1,0 +1,153 @@
+"""The state of a Wasm container under ``--root``, and its status read from ``/proc``.
+
+A Wasm container lives in ``<root>/<id>/`` (the same directory runc would use, so ids stay
+unique across both): ``wasidispatch.json`` (this module's `WasmState`) and, between
+``create`` and ``start``, ``exec.fifo``. The status is computed, never stored: the recorded
+pid must still be alive *and* have the recorded start time (``/proc/<pid>/stat`` field 22),
+so a recycled pid is never mistaken for the container. Stdlib only: ``state``/``kill``/
+``delete`` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "FIFO_NAME",
+    "STATE_NAME",
+    "Status",
+    "WasmState",
+    "container_dir",
+    "proc_stat",
+    "valid_id",
+]
+
+STATE_NAME = "wasidispatch.json"
+FIFO_NAME = "exec.fifo"
+OCI_VERSION = "1.0.2"
+
+Status = Literal["created", "running", "paused", "stopped"]
+
+# runc's rule for container ids (libcontainer's idRegex): no "/", so no path escape.
+_ID = re.compile(r"^[\w+\-.]+$")
+
+
+def valid_id(container_id: str) -> bool:
+    """Whether ``container_id`` is one runc would accept.
+
+    Example::
+
+        >>> valid_id("k8s_app-1.0"), valid_id("../etc"), valid_id("..")
+        (True, False, False)
+    """
+    return bool(_ID.match(container_id)) and container_id not in (".", "..")
+
+
+def container_dir(root: str, container_id: str) -> str:
+    """``<root>/<id>``; the id must be `valid_id`."""
+    return os.path.join(root, container_id)
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of ``pid``, ``None`` when it is gone.
+
+    Example::
+
+        >>> proc_stat(os.getpid())[0] in "RS"
+        True
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after the last ")".
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[19])
+
+
+@dataclass
+class WasmState:
+    """What ``create`` recorded about a Wasm container (``wasidispatch.json``)."""
+
+    id: str
+    pid: int
+    pid_start: int
+    bundle: str
+    rootfs: str
+    created: str
+    owner: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+    cgroups: list[str] = field(default_factory=list)
+
+    @property
+    def directory(self) -> str:
+        """Set by `load`/`save`: the container's state directory."""
+        return self._directory
+
+    _directory: str = field(default="", init=False, repr=False, compare=False)
+
+    def alive(self) -> bool:
+        """The recorded process still runs (not a zombie, not a recycled pid)."""
+        stat = proc_stat(self.pid)
+        return stat is not None and stat[1] == self.pid_start and stat[0] not in "ZXx"
+
+    def status(self) -> Status:
+        """created (waiting for ``start``), running, paused (stopped by a signal) or stopped."""
+        stat = proc_stat(self.pid)
+        if stat is None or stat[1] != self.pid_start or stat[0] in "ZXx":
+            return "stopped"
+        if stat[0] in "Tt":
+            return "paused"
+        if os.path.exists(os.path.join(self._directory, FIFO_NAME)):
+            return "created"
+        return "running"
+
+    def oci_state(self) -> dict[str, Any]:
+        """The document ``runc state`` prints."""
+        status = self.status()
+        doc: dict[str, Any] = {
+            "ociVersion": OCI_VERSION,
+            "id": self.id,
+            "pid": self.pid if status != "stopped" else 0,
+            "status": status,
+            "bundle": self.bundle,
+            "rootfs": self.rootfs,
+            "created": self.created,
+            "owner": self.owner,
+        }
+        if self.annotations:
+            doc["annotations"] = dict(self.annotations)
+        return doc
+
+    def save(self, directory: str) -> None:
+        """Write ``<directory>/wasidispatch.json`` atomically (temp file + rename)."""
+        self._directory = directory
+        doc = asdict(self)
+        del doc["_directory"]
+        tmp = os.path.join(directory, f".{STATE_NAME}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps(doc).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, os.path.join(directory, STATE_NAME))
+
+    @classmethod
+    def load(cls, root: str, container_id: str) -> WasmState | None:
+        """The Wasm container ``container_id`` under ``root``, ``None`` when not ours."""
+        if not valid_id(container_id):
+            return None
+        directory = container_dir(root, container_id)
+        try:
+            with open(os.path.join(directory, STATE_NAME), "rb") as fh:
+                doc = json.loads(fh.read())
+            state = cls(**doc)
+        except (OSError, ValueError, TypeError):
+            return None
+        state._directory = directory
+        return state

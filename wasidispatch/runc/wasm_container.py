@@ -1,0 +1,627 @@
+"""Wasm containers: ``create`` forks the container process; the other subcommands act on it.
+
+The container process is a child of ``create`` that outlives it: when ``create`` exits it is
+re-parented to the nearest subreaper (containerd's shim), which learns its exit status by
+waiting on it, exactly as for runc's container init. It
+
+1. starts a new session, restores default signal dispositions (a signal stops the guest and
+   the shim sees 128+n), and keeps only fds 0-2 (the container's stdio, or the terminal sent
+   over ``--console-socket``) and the ``--preserve-fds`` ones: fd 3 of ``create`` is the
+   shim's own socket;
+2. prepares the module with `wasidispatch.executor.WasmExecutor` (precompile cache), so the
+   interpreter and engine are charged to the caller's cgroup, not the container's;
+3. joins the container's cgroup (`wasidispatch.runc.cgroups`), applies ``oomScoreAdj``,
+   ``rlimits``, ``noNewPrivileges`` and the user, reports "ready" to ``create``;
+4. blocks opening ``exec.fifo`` for writing until ``start`` opens it for reading (runc's
+   handshake), then runs the guest and exits with its exit code.
+
+Errors of ``create`` reach the log (`wasidispatch.runc.log`): the runtime itself prints
+nothing on the container's stdio. The guest's trap or timeout message, if any, is logged as a
+warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from wasidispatch.runc import cgroups
+from wasidispatch.runc.args import Invocation
+from wasidispatch.runc.cli import RuntimeFailure
+from wasidispatch.runc.log import RuntimeLog
+from wasidispatch.runc.state import (
+    FIFO_NAME,
+    STATE_NAME,
+    WasmState,
+    container_dir,
+    proc_stat,
+    valid_id,
+)
+
+if TYPE_CHECKING:
+    from wasidispatch.executor import Decision
+    from wasidispatch.oci.bundle import Bundle
+
+__all__ = ["COMMANDS", "Plan", "create", "plan", "run"]
+
+# The annotations that can make a bundle Wasm without looking at its bytes (see
+# wasidispatch.executor; spelled out here so the Linux fast path imports nothing heavy).
+_WASM_ANNOTATIONS = ("run.oci.handler", "module.wasm.image/variant")
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass
+class Plan:
+    """A bundle the dispatch rule sent to Wasm."""
+
+    directory: str
+    bundle: Bundle
+    decision: Decision
+
+
+# ------------------------------------------------------------------------------ the decision
+
+
+def _plainly_linux(bundle_dir: str) -> bool:
+    """True when the rule can only say Linux: no Wasm annotation, and ``process.args[0]``
+    (absolute, or found on the spec's ``PATH``) is an ELF binary or a ``#!`` script.
+
+    Stdlib only, so a Linux ``create`` reaches runc without loading the OCI models.
+    """
+    from wasidispatch.detect import resolve_in_root, sniff_path
+    from wasidispatch.errors import DetectionError
+
+    try:
+        with open(os.path.join(bundle_dir, "config.json"), "rb") as fh:
+            doc = json.loads(fh.read())
+        notes = doc.get("annotations") or {}
+        if any(key in notes for key in _WASM_ANNOTATIONS):
+            return False
+        root = doc["root"]["path"]
+        rootfs = root if os.path.isabs(root) else os.path.join(bundle_dir, root)
+        process = doc["process"]
+        args0: str = process["args"][0]
+        if "#" in args0:
+            return False
+        if args0.startswith("/"):
+            candidates = [args0]
+        elif "/" in args0:
+            return False
+        else:
+            path = _DEFAULT_PATH
+            for entry in process.get("env") or ():
+                if entry.startswith("PATH="):
+                    path = entry[5:]
+            candidates = [os.path.join(d, args0) for d in path.split(":") if d.startswith("/")]
+        for candidate in candidates:
+            try:
+                host = resolve_in_root(rootfs, candidate)
+            except DetectionError:
+                continue
+            if os.path.isfile(host):
+                return sniff_path(host).is_linux
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
+    except DetectionError:
+        return False
+    return False
+
+
+def plan(bundle_dir: str, log: RuntimeLog) -> Plan | None:
+    """The `Plan` when the dispatch rule says Wasm; ``None`` hands the bundle to runc
+    (a Linux container, or one the rule cannot decide: runc reports its own errors)."""
+    if _plainly_linux(bundle_dir):
+        log.debug(f"{bundle_dir}: Linux entrypoint, handing to runc")
+        return None
+    from wasidispatch.errors import WasiDispatchError
+    from wasidispatch.executor import decide
+    from wasidispatch.oci.bundle import Bundle
+
+    try:
+        bundle = Bundle.load(bundle_dir)
+        decision = decide(bundle)
+    except WasiDispatchError as exc:
+        log.debug(f"{bundle_dir}: not decided as Wasm ({exc}), handing to runc")
+        return None
+    if decision.kind != "wasm":
+        return None
+    log.debug(f"{bundle_dir}: Wasm container ({decision.reason})")
+    return Plan(bundle_dir, bundle, decision)
+
+
+# ------------------------------------------------------------------------------ create
+
+
+def _now_rfc3339() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"
+
+
+def _int_option(inv: Invocation, name: str) -> int:
+    raw = inv.value(name)
+    if raw is None:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise RuntimeFailure(f"invalid value {raw!r} for --{name}") from None
+    if value < 0:
+        raise RuntimeFailure(f"invalid value {raw!r} for --{name}")
+    return value
+
+
+def _write_pid_file(path: str, pid: int) -> None:
+    """Digits only, no newline (containerd's parser refuses one), written atomically."""
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, str(pid).encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _send_console(socket_path: str, master: int) -> None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(socket_path)
+            socket.send_fds(sock, [b"/dev/ptmx"], [master])
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot send the console to {socket_path}: {exc}") from exc
+
+
+def _read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _remove_state_dir(directory: str) -> None:
+    for name in (STATE_NAME, FIFO_NAME, f".{STATE_NAME}.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(directory)
+
+
+def create(inv: Invocation, planned: Plan, log: RuntimeLog) -> int:
+    """``create``: fork the container process, wait until it is ready, record it."""
+    cid = inv.args[0]
+    if not valid_id(cid):
+        raise RuntimeFailure(f"invalid container id format: {cid}")
+    os.makedirs(inv.root, mode=0o711, exist_ok=True)
+    directory = container_dir(inv.root, cid)
+    try:
+        os.mkdir(directory, 0o711)
+    except FileExistsError:
+        raise RuntimeFailure(f"container with id exists: {cid}") from None
+    made: list[str] = []
+    try:
+        pid, made = _spawn(inv, planned, directory, log)
+        stat = proc_stat(pid)
+        if stat is None:
+            raise RuntimeFailure("container process exited during create")
+        bundle = planned.bundle
+        WasmState(
+            id=cid,
+            pid=pid,
+            pid_start=stat[1],
+            bundle=planned.directory,
+            rootfs=str(bundle.rootfs),
+            created=_now_rfc3339(),
+            annotations=dict(bundle.spec.annotations or {}),
+            cgroups=made,
+        ).save(directory)
+        pid_file = inv.value("pid-file")
+        if pid_file:
+            _write_pid_file(pid_file, pid)
+    except BaseException:
+        if made:
+            cgroups.remove(made)
+        _remove_state_dir(directory)
+        raise
+    return 0
+
+
+def _spawn(
+    inv: Invocation, planned: Plan, directory: str, log: RuntimeLog
+) -> tuple[int, list[str]]:
+    spec = planned.bundle.spec
+    process = spec.process
+    terminal = bool(process is not None and process.terminal)
+    console_socket = inv.value("console-socket")
+    if terminal and not console_socket:
+        raise RuntimeFailure(
+            "cannot allocate tty if runc will detach without setting console socket"
+        )
+    if console_socket and not terminal:
+        raise RuntimeFailure("cannot use console socket if runc will not detach or allocate tty")
+    preserve = _int_option(inv, "preserve-fds")
+    try:
+        listen = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        listen = 0
+    keep = set(range(3, 3 + max(listen, 0) + preserve))
+
+    linux = spec.linux
+    resources = linux.resources if linux is not None else None
+    memory = resources.memory.limit if resources and resources.memory else None
+    pids = resources.pids.limit if resources and resources.pids else None
+    try:
+        path = cgroups.resolve(
+            linux.cgroups_path if linux is not None else None,
+            systemd=inv.global_options.get("systemd-cgroup") is True,
+        )
+        made = [] if path is None else cgroups.create(path, memory_limit=memory, pids_limit=pids)
+    except cgroups.CgroupError as exc:
+        raise RuntimeFailure(str(exc)) from exc
+
+    fifo = os.path.join(directory, FIFO_NAME)
+    os.mkfifo(fifo, 0o622)
+    slave: int | None = None
+    if terminal and console_socket:
+        master, slave = os.openpty()
+        try:
+            _send_console(console_socket, master)
+        finally:
+            os.close(master)
+    ready_r, ready_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError:
+        cgroups.remove(made)
+        raise
+    if pid == 0:  # pragma: no cover - runs in the container process
+        os.close(ready_r)
+        _container_process(planned, inv, fifo, ready_w, keep, made, slave, log)
+    os.close(ready_w)
+    if slave is not None:
+        os.close(slave)
+    try:
+        answer = _read_all(ready_r)
+    finally:
+        os.close(ready_r)
+    if answer != b"ok":
+        os.waitpid(pid, 0)
+        cgroups.remove(made)
+        raise RuntimeFailure(answer.decode(errors="replace") or "container process died")
+    return pid, made
+
+
+# ------------------------------------------------------------------------------ the container
+
+
+def _close_fds(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _apply_process(spec: Any) -> None:
+    """oomScoreAdj, rlimits, noNewPrivileges and the user of ``process``."""
+    process = spec.process
+    if process is None:
+        return
+    oom = getattr(process, "oom_score_adj", None)
+    if oom is not None:
+        with open("/proc/self/oom_score_adj", "w") as fh:
+            fh.write(str(oom))
+    for rlimit in getattr(process, "rlimits", None) or ():
+        import resource
+
+        which = getattr(resource, str(rlimit.type), None)
+        if not isinstance(which, int):
+            raise RuntimeFailure(f"unknown rlimit {rlimit.type}")
+        resource.setrlimit(which, (rlimit.soft, rlimit.hard))
+    if getattr(process, "no_new_privileges", False):
+        import ctypes
+
+        pr_set_no_new_privs = 38
+        if ctypes.CDLL(None, use_errno=True).prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
+            raise RuntimeFailure("cannot set no_new_privs")
+    user = getattr(process, "user", None)
+    if user is not None and (user.uid or user.gid) and os.getuid() == 0:
+        os.setgroups(list(user.additional_gids or []))
+        os.setgid(user.gid or 0)
+        os.setuid(user.uid or 0)
+
+
+def _executor() -> Any:
+    from wasidispatch.executor import WasmExecutor
+
+    engines = os.environ.get("WASIDISPATCH_ENGINE")
+    cache = None
+    if os.environ.get("WASIDISPATCH_CACHE", "on") != "off":
+        from wasidispatch.cache import PrecompileCache
+
+        cache = PrecompileCache(os.environ.get("WASIDISPATCH_CACHE_DIR") or None)
+    engine = tuple(e for e in engines.split(",") if e) if engines else None
+    return WasmExecutor(engine, cache=cache)
+
+
+def _container_process(
+    planned: Plan,
+    inv: Invocation,
+    fifo: str,
+    ready: int,
+    keep: set[int],
+    made: Sequence[str],
+    slave: int | None,
+    log: RuntimeLog,
+) -> NoReturn:  # pragma: no cover - runs in the container process
+    try:
+        os.setsid()
+        if slave is not None:
+            import fcntl
+            import termios
+
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+            for fd in (0, 1, 2):
+                os.dup2(slave, fd)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        _close_fds(keep | {ready})
+        executor = _executor()
+        prepared = executor.prepare(planned.bundle)
+        cgroups.join(made)
+        _apply_process(planned.bundle.spec)
+        os.write(ready, b"ok")
+        os.close(ready)
+    except BaseException as exc:  # everything goes back to create, which logs it
+        try:
+            os.write(ready, (str(exc) or type(exc).__name__).encode())
+        finally:
+            os._exit(1)
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_CLOEXEC)  # blocks until `start`
+        os.write(fd, b"0")
+        os.close(fd)
+    except OSError:
+        os._exit(1)
+    code = 137
+    try:
+        result = executor.run(prepared)
+        code = result.exit_code
+        if result.message:
+            log.warning(f"container {inv.args[0]}: {result.reason.value}: {result.message}")
+    except BaseException as exc:
+        log.error(f"container {inv.args[0]}: {type(exc).__name__}: {exc}")
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+    os._exit(code & 0xFF)
+
+
+# ------------------------------------------------------------------------------ run
+
+
+def run(inv: Invocation, planned: Plan, log: RuntimeLog) -> int:
+    """``run``: create, start, and (unless ``--detach``) wait and delete."""
+    create(inv, planned, log)
+    state = WasmState.load(inv.root, inv.args[0])
+    if state is None:
+        raise RuntimeFailure("container state vanished during run")
+    start(inv, state, log)
+    if inv.flag("detach"):
+        return 0
+    _, status = os.waitpid(state.pid, 0)
+    _delete_stopped(state, log)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+# ------------------------------------------------------------------------------ the others
+
+
+def start(inv: Invocation, state: WasmState, log: RuntimeLog) -> int:
+    """``start``: release the container process blocked on ``exec.fifo``."""
+    status = state.status()
+    if status == "stopped":
+        raise RuntimeFailure("cannot start a container that has stopped")
+    if status != "created":
+        raise RuntimeFailure("cannot start an already running container")
+    fifo = os.path.join(state.directory, FIFO_NAME)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    data = b""
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP)
+        while True:
+            if poller.poll(50):
+                try:
+                    data = os.read(fd, 1)
+                except BlockingIOError:
+                    continue
+                break
+            if not state.alive():
+                break
+    finally:
+        os.close(fd)
+    if data != b"0":
+        raise RuntimeFailure("cannot start container: its process exited before start")
+    os.unlink(fifo)
+    return 0
+
+
+def print_state(inv: Invocation, state: WasmState, log: RuntimeLog) -> int:
+    """``state``: runc's JSON document."""
+    print(json.dumps(state.oci_state(), indent=2))
+    return 0
+
+
+def _parse_signal(text: str) -> int:
+    if text.isdigit():
+        number = int(text)
+        if 0 < number < signal.NSIG:
+            return number
+    else:
+        name = text.upper()
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        value = getattr(signal.Signals, name, None)
+        if value is not None:
+            return int(value)
+    raise RuntimeFailure(f"unknown signal {text!r}")
+
+
+def _pidfd(state: WasmState) -> int | None:
+    """A pidfd for the container process, ``None`` when it is gone (or the pid recycled)."""
+    try:
+        fd = os.pidfd_open(state.pid)
+    except OSError:
+        return None
+    if not state.alive():  # checked after opening: the pidfd pins the process we checked
+        os.close(fd)
+        return None
+    return fd
+
+
+def _signal(state: WasmState, sig: int) -> bool:
+    fd = _pidfd(state)
+    if fd is None:
+        return False
+    try:
+        signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def kill(inv: Invocation, state: WasmState, log: RuntimeLog) -> int:
+    """``kill [--all] ID [SIGNAL]``: signal the container process (default SIGTERM)."""
+    sig = _parse_signal(inv.args[1]) if len(inv.args) > 1 else int(signal.SIGTERM)
+    if _signal(state, sig):
+        return 0
+    if inv.flag("all"):
+        return 0  # containerd's cleanup kills all of a stopped container: nothing to do
+    raise RuntimeFailure("container not running")
+
+
+def _wait_gone(state: WasmState, timeout: float) -> bool:
+    fd = _pidfd(state)
+    if fd is None:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        # A pidfd is readable once the process has exited (zombie or reaped).
+        return bool(poller.poll(int(timeout * 1000)))
+    finally:
+        os.close(fd)
+
+
+def _delete_stopped(state: WasmState, log: RuntimeLog) -> None:
+    left = cgroups.remove(state.cgroups)
+    if left:
+        log.warning(f"cgroups left behind for {state.id}: {', '.join(left)}")
+    _remove_state_dir(state.directory)
+
+
+def delete(inv: Invocation, state: WasmState, log: RuntimeLog) -> int:
+    """``delete [--force] ID``: remove a stopped (or created) container; ``--force`` kills a
+    running one first."""
+    status = state.status()
+    if status in ("running", "paused") and not inv.flag("force"):
+        raise RuntimeFailure(f"cannot delete container {state.id} that is not stopped: {status}")
+    if status != "stopped":
+        _signal(state, signal.SIGKILL)
+        if not _wait_gone(state, 10.0):
+            raise RuntimeFailure(f"container {state.id} did not exit after SIGKILL")
+    _delete_stopped(state, log)
+    return 0
+
+
+def _pids(state: WasmState) -> list[int]:
+    for directory in state.cgroups:
+        try:
+            with open(os.path.join(directory, "cgroup.procs")) as fh:
+                return sorted(int(line) for line in fh if line.strip())
+        except OSError:
+            continue
+    return [state.pid] if state.alive() else []
+
+
+def ps(inv: Invocation, state: WasmState, log: RuntimeLog) -> int:
+    """``ps [--format table|json] ID [ps options]``."""
+    pids = _pids(state) if state.status() != "stopped" else []
+    fmt = inv.value("format") or "table"
+    if fmt == "json":
+        print(json.dumps(pids))
+        return 0
+    if fmt != "table":
+        raise RuntimeFailure(f"invalid format option {fmt!r}")
+    import subprocess
+
+    options = inv.args[1:] or ["-ef"]
+    out = subprocess.run(["ps", *options], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeFailure(f"ps failed: {out.stderr.strip()}")
+    lines = out.stdout.splitlines()
+    if not lines:
+        return 0
+    header = lines[0].split()
+    if "PID" not in header:
+        raise RuntimeFailure("couldn't find PID field in ps output")
+    column = header.index("PID")
+    wanted = set(pids)
+    print(lines[0])
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) > column and fields[column].isdigit() and int(fields[column]) in wanted:
+            print(line)
+    return 0
+
+
+def pause(inv: Invocation, state: WasmState, log: RuntimeLog) -> int:
+    """``pause``: stop the container process (SIGSTOP)."""
+    if state.status() != "running" or not _signal(state, signal.SIGSTOP):
+        raise RuntimeFailure("container not running")
+    return 0
+
+
+def resume(inv: Invocation, state: WasmState, log: RuntimeLog) -> int:
+    """``resume``: continue a paused container (SIGCONT)."""
+    if state.status() != "paused":
+        raise RuntimeFailure("container not paused")
+    _signal(state, signal.SIGCONT)
+    return 0
+
+
+def _unsupported(inv: Invocation, state: WasmState, log: RuntimeLog) -> int:
+    raise RuntimeFailure(f"{inv.command} is not supported for Wasm containers")
+
+
+Handler = Callable[[Invocation, WasmState, RuntimeLog], int]
+
+COMMANDS: dict[str, Handler] = {
+    "start": start,
+    "state": print_state,
+    "kill": kill,
+    "delete": delete,
+    "ps": ps,
+    "pause": pause,
+    "resume": resume,
+    "exec": _unsupported,
+    "update": _unsupported,
+    "events": _unsupported,
+}
