@@ -30,7 +30,9 @@ from wasidispatch.engines._wasmtime_cffi import (
     PreparedModule,
     _build,
     _lib,
+    _native,
 )
+from wasidispatch.engines.wasmtime import WasmtimeEngine
 from wasidispatch.errors import (
     CantHandle,
     CompileError,
@@ -639,3 +641,79 @@ def test_engine_reuses_prepared_modules() -> None:
     for name in ("args", "env", "cat"):
         engine.run(Workload(wasm=build_c(name), stdin=Stdio.null(), stdout=Stdio.null()))
     assert len(engine._prepared) == 2  # bounded
+
+
+# -- precompiled artifact files -----------------------------------------------------------------
+
+
+def test_c_api_deserialize_file_ignores_bytes_after_the_artifact(
+    fast: FastWasmtime, calc_wasm: bytes, tmp_path: Path
+) -> None:
+    # What the envelope trailer relies on, for the C API the fast path maps files with.
+    loaded = _lib.load()
+    engine = fast._engine
+    payload = _native.serialize_module(loaded, _native.compile_module(loaded, engine, calc_wasm))
+    path = tmp_path / "calc.bin"
+    path.write_bytes(payload + os.urandom(4096))
+    assert _native.deserialize_module_file(loaded, engine, str(path)) is not None
+    path.write_bytes(payload[:-64] + os.urandom(4096))  # the artifact itself cut short
+    with pytest.raises(IncompatibleArtifact):
+        _native.deserialize_module_file(loaded, engine, str(path))
+
+
+def test_prepare_from_a_file_maps_it_and_refuses_bad_files(
+    fast: FastWasmtime, calc_wasm: bytes, tmp_path: Path
+) -> None:
+    from wasidispatch.engines._support import TRAILER_SIZE
+
+    artifact = fast.precompile(calc_wasm)
+    path = tmp_path / "calc.art"
+    path.write_bytes(artifact)
+    assert fast.prepare(precompiled=path).call("add", 20, 22).value == 42
+    native = artifact[:-TRAILER_SIZE]
+    other = FastWasmtime(pooling=not fast.config.pooling, pool_size=8)
+    cases = {
+        "truncated": artifact[: len(artifact) // 2],
+        "payload cut, trailer kept": native[:-100] + artifact[-TRAILER_SIZE:],
+        "padded before the trailer": native + b"\0" * 16 + artifact[-TRAILER_SIZE:],
+        "shorter than a trailer": artifact[:50],
+        "bare wasmtime artifact": native,
+        "old format": b"WDPCA\x01" + fast.fingerprint().encode() + b"m" + b"\0" * 32 + native,
+        "another configuration": other.precompile(calc_wasm),
+        "another engine": WasmtimeEngine().precompile(calc_wasm),
+    }
+    accepted = []
+    for what, data in cases.items():
+        bad = tmp_path / f"{what}.art"
+        bad.write_bytes(data)
+        try:
+            fast.prepare(precompiled=bad)
+        except IncompatibleArtifact:
+            continue
+        accepted.append(what)
+    assert accepted == []
+    with pytest.raises(IncompatibleArtifact, match="cannot read"):
+        fast.prepare(precompiled=tmp_path / "missing.art")
+
+
+def test_engine_keys_artifact_files_by_their_recorded_digest(tmp_path: Path) -> None:
+    # Two copies of one artifact share one prepared module, found without hashing the file;
+    # bytes of the same artifact (verified in full) find it too.
+    engine = FastWasmtimeEngine()
+    wasm = build_c("hello").read_bytes()
+    artifact = engine.precompile(wasm)
+    outputs = []
+    for name in ("a.art", "b.art"):
+        path = tmp_path / name
+        path.write_bytes(artifact)
+        outputs.append(
+            engine.run(Workload(wasm=wasm, precompiled=path, stdout=Stdio.capture())).stdout
+        )
+    outputs.append(
+        engine.run(Workload(wasm=wasm, precompiled=artifact, stdout=Stdio.capture())).stdout
+    )
+    assert outputs == [b"hello from wasi\n"] * 3
+    assert len(engine._prepared) == 1
+    (tmp_path / "a.art").write_bytes(artifact[:-1])  # a bad file is refused before the lookup
+    with pytest.raises(IncompatibleArtifact):
+        engine.run(Workload(wasm=wasm, precompiled=tmp_path / "a.art"))
