@@ -115,6 +115,10 @@ class Workload:
     ``wasm`` is the Wasm binary or a path to it. ``precompiled`` is an artifact made by the
     same engine's :meth:`Engine.precompile` (bytes, or a path the engine may map); callers
     must only pass artifacts they wrote and verified (the precompile cache does this).
+    Bytes are verified in full by the engine. A path is not re-hashed: the engine checks
+    that the file is an artifact of this engine and configuration and is whole, then maps
+    it, so a path must name a file whose content the caller has verified and that only
+    trusted users can write (`PrecompileCache` hands out exactly such paths).
     ``env`` is the guest's whole environment: the host environment never leaks in.
     ``entry`` names an export to call instead of the WASI command entry (``_start`` for
     modules, ``wasi:cli/run`` for components).
