@@ -400,3 +400,249 @@ def test_unknown_ids_go_to_runc(runtime: Runtime) -> None:
     assert out.returncode != 0
     assert any("does not exist" in msg for msg in runtime.errors())
     assert runtime("delete", "--force", "nobody").returncode == 0
+
+
+# ----------------------------------------------------------------------------- Wasm containers
+
+
+def wasm_bundle(
+    directory: Path,
+    guest: str,
+    args: list[str],
+    cgroups_path: str,
+    *,
+    memory_limit: int | None = None,
+    annotations: dict[str, str] | None = None,
+    wasm: bytes | None = None,
+) -> Path:
+    """A bundle whose rootfs holds one C guest as ``/app.wasm``; ``runc spec``'s template."""
+    from tests.guests import build_c
+
+    assert RUNC is not None
+    (directory / "rootfs").mkdir(parents=True)
+    data = build_c(guest).read_bytes() if wasm is None else wasm
+    (directory / "rootfs" / "app.wasm").write_bytes(data)
+    subprocess.run([RUNC, "spec", "--bundle", str(directory)], check=True)
+    config = json.loads((directory / "config.json").read_text())
+    config["process"]["terminal"] = False
+    config["process"]["args"] = ["/app.wasm", *args]
+    config["linux"]["cgroupsPath"] = cgroups_path
+    if memory_limit is not None:
+        config["linux"]["resources"]["memory"] = {"limit": memory_limit}
+    if annotations:
+        config["annotations"] = annotations
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture
+def wasm_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A private precompile cache for the runtime processes."""
+    monkeypatch.setenv("WASIDISPATCH_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def create(runtime: Runtime, bundle: Path, cid: str, out: Path) -> int:
+    pid_file = bundle / "init.pid"
+    with out.open("wb") as out_f:
+        proc = runtime(
+            "create", "--bundle", str(bundle), "--pid-file", str(pid_file), cid, stdout=out_f
+        )
+    assert proc.returncode == 0, runtime.errors()
+    raw = pid_file.read_bytes()
+    assert raw.isdigit(), raw
+    return int(raw)
+
+
+@needs_runtime
+def test_wasm_container_lifecycle(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
+) -> None:
+    limit = 256 * 1024 * 1024
+    bundle = wasm_bundle(
+        tmp_path / "b", "hello", [], cgroup_name, memory_limit=limit, annotations={"a": "1"}
+    )
+    out = tmp_path / "stdout"
+    pid = create(runtime, bundle, "w1", out)
+    # our state, not runc's: the container was dispatched to Wasm
+    assert (runtime.root / "w1" / "wasidispatch.json").exists()
+    assert not (runtime.root / "w1" / "state.json").exists()
+    state = runtime.state("w1")
+    assert set(state) == {
+        "ociVersion",
+        "id",
+        "pid",
+        "status",
+        "bundle",
+        "rootfs",
+        "created",
+        "owner",
+        "annotations",
+    }
+    assert (state["id"], state["pid"], state["status"]) == ("w1", pid, "created")
+    assert (state["bundle"], state["rootfs"]) == (str(bundle), str(bundle / "rootfs"))
+    assert state["annotations"] == {"a": "1"}
+    dirs = cgroup_dirs(cgroup_name)
+    assert dirs, "no cgroup created"
+    for d in dirs:
+        assert (d / "cgroup.procs").read_text().split() == [str(pid)]
+    memory = Path("/sys/fs/cgroup/memory") / cgroup_name.lstrip("/")
+    if memory.is_dir():
+        assert int((memory / "memory.limit_in_bytes").read_text()) == limit
+    assert out.read_bytes() == b""  # the runtime prints nothing on the container's stdio
+
+    assert runtime("start", "w1").returncode == 0
+    assert wait_exit(pid) == 0
+    assert out.read_text() == "hello from wasi\n"
+    assert runtime.state("w1")["status"] == "stopped"
+    assert runtime("start", "w1").returncode == 1
+    assert runtime.errors()[-1] == "cannot start a container that has stopped"
+    assert runtime("delete", "w1").returncode == 0
+    assert not (runtime.root / "w1").exists()
+    assert cgroup_dirs(cgroup_name) == []
+
+
+@needs_runtime
+def test_wasm_exit_code_is_the_guests(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
+) -> None:
+    bundle = wasm_bundle(tmp_path / "b", "exit", ["7"], cgroup_name)
+    pid = create(runtime, bundle, "w2", tmp_path / "out")
+    assert runtime("start", "w2").returncode == 0
+    assert wait_exit(pid) == 7
+    assert runtime("delete", "w2").returncode == 0
+
+
+@needs_runtime
+def test_wasm_kill_stops_the_guest(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
+) -> None:
+    bundle = wasm_bundle(tmp_path / "b", "loop", [], cgroup_name)
+    pid = create(runtime, bundle, "w3", tmp_path / "out")
+    assert runtime("start", "w3").returncode == 0
+    assert runtime.state("w3")["status"] == "running"
+    assert json.loads(runtime("ps", "--format", "json", "w3").stdout) == [pid]
+
+    assert runtime("delete", "w3").returncode == 1
+    assert runtime.errors()[-1] == "cannot delete container w3 that is not stopped: running"
+    assert runtime("pause", "w3").returncode == 0
+    assert runtime.state("w3")["status"] == "paused"
+    assert runtime("resume", "w3").returncode == 0
+    assert runtime.state("w3")["status"] == "running"
+
+    assert runtime("kill", "w3", "TERM").returncode == 0
+    assert wait_exit(pid) == 128 + signal.SIGTERM
+    assert runtime.state("w3") == {**runtime.state("w3"), "status": "stopped", "pid": 0}
+    assert runtime("kill", "w3", "KILL").returncode == 1
+    assert runtime.errors()[-1] == "container not running"
+    # containerd's cleanup after exit: kill --all, delete, then delete --force
+    assert runtime("kill", "--all", "w3", "9").returncode == 0
+    assert runtime("delete", "w3").returncode == 0
+    assert runtime("delete", "--force", "w3").returncode == 0
+    assert not (runtime.root / "w3").exists()
+    assert cgroup_dirs(cgroup_name) == []
+
+
+@needs_runtime
+def test_wasm_delete_force_kills_a_running_guest(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
+) -> None:
+    bundle = wasm_bundle(tmp_path / "b", "loop", [], cgroup_name)
+    pid = create(runtime, bundle, "w4", tmp_path / "out")
+    assert runtime("start", "w4").returncode == 0
+    assert runtime("exec", "w4", "/app.wasm").returncode == 1
+    assert runtime.errors()[-1] == "exec is not supported for Wasm containers"
+    assert runtime("delete", "--force", "w4").returncode == 0
+    assert wait_exit(pid) == 128 + signal.SIGKILL
+    assert not (runtime.root / "w4").exists()
+    assert cgroup_dirs(cgroup_name) == []
+
+
+@needs_runtime
+def test_wasm_delete_of_a_created_container_kills_it(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
+) -> None:
+    bundle = wasm_bundle(tmp_path / "b", "hello", [], cgroup_name)
+    out = tmp_path / "out"
+    pid = create(runtime, bundle, "w5", out)
+    assert runtime("delete", "w5").returncode == 0  # runc deletes a created container too
+    assert wait_exit(pid) == 128 + signal.SIGKILL
+    assert out.read_bytes() == b""  # it never ran
+    assert not (runtime.root / "w5").exists()
+
+
+@needs_runtime
+def test_wasm_create_failure_is_logged_and_leaves_nothing(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
+) -> None:
+    broken = b"\0asm\x01\0\0\0" + b"\x01\xff\xff\xff\xff\x0f"  # a section longer than the file
+    bundle = wasm_bundle(tmp_path / "b", "hello", [], cgroup_name, wasm=broken)
+    out = tmp_path / "out"
+    with out.open("wb") as out_f:
+        proc = runtime(
+            "create", "--bundle", str(bundle), "--pid-file", str(bundle / "p"), "w6", stdout=out_f
+        )
+    assert proc.returncode == 1
+    assert len(runtime.errors()) == 1
+    assert runtime.errors()[0]  # the engine's reason, shown by containerd
+    assert out.read_bytes() == b""
+    assert proc.stderr == ""  # with --log, nothing on stderr (the container's stderr)
+    assert not (bundle / "p").exists()
+    assert not (runtime.root / "w6").exists()
+    assert cgroup_dirs(cgroup_name) == []
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # no container process was left to us
+
+
+@needs_runtime
+def test_wasm_container_keeps_only_stdio_and_preserved_fds(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
+) -> None:
+    bundle = wasm_bundle(tmp_path / "b", "loop", [], cgroup_name)
+    r3, w3 = os.pipe()
+    r4, w4 = os.pipe()
+    pid_file = bundle / "init.pid"
+    # fd 3 and 4 of `create`, as the shim's socket is its fd 3; --preserve-fds 1 keeps fd 3
+    launcher = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
+        "os.execv(sys.argv[3], sys.argv[3:])"
+    )
+    argv = [sys.executable, "-c", launcher, str(r3), str(r4), str(RUNC_CMD)]
+    argv += ["--root", str(runtime.root), "--log", str(runtime.log), "--log-format", "json"]
+    argv += ["create", "--preserve-fds", "1", "-b", str(bundle), "--pid-file", str(pid_file), "w7"]
+    subprocess.run(
+        argv, pass_fds=(r3, r4), check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
+    pid = int(pid_file.read_text())
+    links = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert links[3] == os.readlink(f"/proc/self/fd/{r3}")
+    assert os.readlink(f"/proc/self/fd/{r4}") not in links.values()
+    assert not any(link.startswith("socket:") for link in links.values())
+    for fd in (r3, w3, r4, w4):
+        os.close(fd)
+    assert runtime("delete", "--force", "w7").returncode == 0
+    assert wait_exit(pid) == 128 + signal.SIGKILL
+
+
+@needs_runtime
+def test_wasm_state_kill_delete_import_no_heavy_modules(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
+) -> None:
+    bundle = wasm_bundle(tmp_path / "b", "loop", [], cgroup_name)
+    pid = create(runtime, bundle, "w8", tmp_path / "out")
+    probe = (
+        "import sys, json; from wasidispatch.runc.cli import main; "
+        "code = main(sys.argv[1:]); "
+        "heavy = sorted(m for m in ('pydantic', 'wasmtime', 'wasidispatch.executor', "
+        "'wasidispatch.oci', 'cffi') if m in sys.modules); "
+        "print(json.dumps({'code': code, 'heavy': heavy}), file=sys.stderr)"
+    )
+    base = ["--root", str(runtime.root), "--log", str(runtime.log), "--log-format", "json"]
+    for args in (["state", "w8"], ["start", "w8"], ["kill", "w8", "KILL"], ["delete", "w8"]):
+        if args[0] == "delete":
+            assert wait_exit(pid) == 128 + signal.SIGKILL
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, *base, *args], capture_output=True, text=True, check=True
+        )
+        report = json.loads(proc.stderr.splitlines()[-1])
+        assert report == {"code": 0, "heavy": []}, (args, report)
+    assert not (runtime.root / "w8").exists()
