@@ -34,8 +34,12 @@ file:
   wasmtime engine;
 * ``hit+WasmtimeEngine load``: ``cache.artifact`` then the engine's own loading of
   ``Workload(precompiled=path)`` (what `WasmtimeEngine.run` does before instantiating);
-* ``deserialize_file (C API)+prepare``: ``wasmtime_module_deserialize_file`` through the cffi
-  binding, then `PreparedModule` (imports resolved, ``InstancePre``);
+* ``deserialize_file (C API)``: ``wasmtime_module_deserialize_file`` through the cffi binding;
+* ``hit+FastWasmtime load``: ``cache.artifact``, then the fast path's own loading of the path
+  (trailer check, then the same C call on the checked descriptor), without `PreparedModule`;
+* ``deserialize_file (C API)+prepare``: ``wasmtime_module_deserialize_file`` then
+  `PreparedModule` (exports scanned, imports resolved, ``InstancePre``; for the 1mb module's
+  1,400 exports this dominates);
 * ``hit+FastWasmtime.prepare``: ``cache.artifact`` then
   ``FastWasmtime.prepare(precompiled=path)``, the load `FastWasmtimeEngine` does on a miss of
   its in-memory cache;
@@ -397,6 +401,46 @@ def test_engine_deserialize_file_c_api(
         return PreparedModule(fast, ffi.gc(out[0], lib.wasmtime_module_delete), wasi=True)
 
     assert benchmark(load).functions
+
+
+@pytest.mark.parametrize("size", ENGINE_SIZES)
+def test_engine_deserialize_file_c_api_alone(
+    benchmark: BenchmarkFixture, engine_inputs: dict[tuple[str, str], EngineInput], size: str
+) -> None:
+    item = engine_inputs["wasmtime-fast", size]
+    assert isinstance(item.engine, FastWasmtimeEngine)
+    fast = item.engine._fast((False, None))
+    ffi, lib = fast._loaded.ffi, fast._loaded.lib
+    raw = str(item.raw).encode()
+    benchmark.group = f"cache {size} engines"
+    benchmark.name = "deserialize_file (C API)"
+
+    def load() -> object:
+        out = ffi.new("wasmtime_module_t **")
+        err = lib.wasmtime_module_deserialize_file(fast._engine, raw, out)
+        assert err == ffi.NULL
+        return ffi.gc(out[0], lib.wasmtime_module_delete)
+
+    benchmark(load)
+
+
+@pytest.mark.parametrize("size", ENGINE_SIZES)
+def test_engine_hit_and_fast_load(
+    benchmark: BenchmarkFixture, engine_inputs: dict[tuple[str, str], EngineInput], size: str
+) -> None:
+    from wasidispatch.engines._support import open_envelope_file
+
+    item = engine_inputs["wasmtime-fast", size]
+    assert isinstance(item.engine, FastWasmtimeEngine)
+    fast = item.engine._fast((False, None))
+    benchmark.group = f"cache {size} engines"
+    benchmark.name = "hit+FastWasmtime load"
+
+    def load() -> object:
+        with open_envelope_file(item.hit(), fast.fingerprint()) as art:
+            return fast._load_artifact(art)
+
+    benchmark(load)
 
 
 @pytest.mark.parametrize("size", ENGINE_SIZES)

@@ -299,18 +299,20 @@ class FastWasmtime:
         return PreparedModule(self, module, wasi=wasi)
 
     def _prepare_artifact(self, art: Artifact | ArtifactFile, *, wasi: bool) -> PreparedModule:
-        """`prepare` from an opened envelope: verified bytes are deserialized from memory, a
-        checked file (still open: call this inside `open_envelope_file`'s block) is mapped
-        with ``wasmtime_module_deserialize_file``."""
+        """`prepare` from an opened envelope (see `_load_artifact`)."""
+        return PreparedModule(self, self._load_artifact(art), wasi=wasi)
+
+    def _load_artifact(self, art: Artifact | ArtifactFile) -> CData:
+        """The native module of an opened envelope: verified bytes are deserialized from
+        memory, a checked file (still open: call this inside `open_envelope_file`'s block)
+        is mapped with ``wasmtime_module_deserialize_file``."""
         from wasidispatch.engines._support import ArtifactFile
 
         if art.kind != "module":
             raise CantHandle("the wasmtime fast path runs core modules only")
         if isinstance(art, ArtifactFile):
-            module = _native.deserialize_module_file(self._loaded, self._engine, art.path)
-        else:
-            module = _native.deserialize_module(self._loaded, self._engine, art.payload)
-        return PreparedModule(self, module, wasi=wasi)
+            return _native.deserialize_module_file(self._loaded, self._engine, art.path)
+        return _native.deserialize_module(self._loaded, self._engine, art.payload)
 
 
 class _Scratch:
