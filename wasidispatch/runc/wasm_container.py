@@ -386,8 +386,10 @@ def _container_process(
         os.write(ready, b"ok")
         os.close(ready)
     except BaseException as exc:  # everything goes back to create, which logs it
+        process = planned.bundle.spec.process
+        where = process.args[0] if process is not None and process.args else "container"
         try:
-            os.write(ready, (str(exc) or type(exc).__name__).encode())
+            os.write(ready, f"{where}: {str(exc) or type(exc).__name__}".encode())
         finally:
             os._exit(1)
     try:
