@@ -11,8 +11,6 @@ command line to the real runc so the user sees runc's own message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 __all__ = ["COMMAND_FLAGS", "GLOBAL_FLAGS", "Invocation", "UsageError", "parse"]
 
 # flag name -> takes a value. Aliases map to their long name in _ALIASES.
@@ -112,12 +110,12 @@ class UsageError(Exception):
     """The command line is not one runc would accept the way we read it."""
 
 
-@dataclass
 class Invocation:
     """One parsed call: global options, the subcommand, its options and its arguments.
 
     Option values are ``str`` for value flags and ``bool`` for boolean flags; repeated value
-    flags (``exec --env``) keep the last value, which is all this runtime reads.
+    flags (``exec --env``) keep the last value, which is all this runtime reads. (A plain
+    class, not a dataclass: importing ``dataclasses`` costs more than this whole module.)
 
     Example::
 
@@ -126,10 +124,17 @@ class Invocation:
         ('kill', '/run/x', {'all': True}, ['c1', '9'])
     """
 
-    global_options: dict[str, str | bool] = field(default_factory=dict)
-    command: str | None = None
-    options: dict[str, str | bool] = field(default_factory=dict)
-    args: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.global_options: dict[str, str | bool] = {}
+        self.command: str | None = None
+        self.options: dict[str, str | bool] = {}
+        self.args: list[str] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"Invocation({self.global_options!r}, {self.command!r}, {self.options!r}, "
+            f"{self.args!r})"
+        )
 
     @property
     def root(self) -> str:

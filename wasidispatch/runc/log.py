@@ -8,7 +8,6 @@ written to the container's own stdio when a log file is given.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -52,6 +51,8 @@ class RuntimeLog:
             self._write("debug", msg)
 
     def _format(self, level: str, msg: str) -> str:
+        import json
+
         stamp = _now()
         if self.fmt == "json":
             return json.dumps({"level": level, "msg": msg, "time": stamp}) + "\n"

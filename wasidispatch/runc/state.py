@@ -10,16 +10,19 @@ so a recycled pid is never mistaken for the container. Stdlib only: ``state``/``
 
 from __future__ import annotations
 
-import json
 import os
-import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+
+# Not `from typing import ...`: this module is on the path of every call, and typing costs
+# more than the module itself; mypy treats a module-level TYPE_CHECKING = False the same way.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Literal
+
+    Status = Literal["created", "running", "paused", "stopped"]
 
 __all__ = [
     "FIFO_NAME",
     "STATE_NAME",
-    "Status",
     "WasmState",
     "container_dir",
     "proc_stat",
@@ -30,10 +33,8 @@ STATE_NAME = "wasidispatch.json"
 FIFO_NAME = "exec.fifo"
 OCI_VERSION = "1.0.2"
 
-Status = Literal["created", "running", "paused", "stopped"]
-
-# runc's rule for container ids (libcontainer's idRegex): no "/", so no path escape.
-_ID = re.compile(r"^[\w+\-.]+$")
+# runc's rule for container ids (libcontainer: ^[\w+-\.]+$); no "/", so no path escape.
+_ID_EXTRA = frozenset("_+-.")
 
 
 def valid_id(container_id: str) -> bool:
@@ -44,7 +45,9 @@ def valid_id(container_id: str) -> bool:
         >>> valid_id("k8s_app-1.0"), valid_id("../etc"), valid_id("..")
         (True, False, False)
     """
-    return bool(_ID.match(container_id)) and container_id not in (".", "..")
+    if not container_id or container_id in (".", ".."):
+        return False
+    return all(c.isalnum() or c in _ID_EXTRA for c in container_id)
 
 
 def container_dir(root: str, container_id: str) -> str:
@@ -70,26 +73,36 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0].decode(), int(fields[19])
 
 
-@dataclass
 class WasmState:
     """What ``create`` recorded about a Wasm container (``wasidispatch.json``)."""
 
-    id: str
-    pid: int
-    pid_start: int
-    bundle: str
-    rootfs: str
-    created: str
-    owner: str = ""
-    annotations: dict[str, str] = field(default_factory=dict)
-    cgroups: list[str] = field(default_factory=list)
+    _FIELDS = ("id", "pid", "pid_start", "bundle", "rootfs", "created", "owner")
 
-    @property
-    def directory(self) -> str:
-        """Set by `load`/`save`: the container's state directory."""
-        return self._directory
+    def __init__(
+        self,
+        id: str,
+        pid: int,
+        pid_start: int,
+        bundle: str,
+        rootfs: str,
+        created: str,
+        owner: str = "",
+        annotations: dict[str, str] | None = None,
+        cgroups: list[str] | None = None,
+    ) -> None:
+        self.id = id
+        self.pid = pid
+        self.pid_start = pid_start
+        self.bundle = bundle
+        self.rootfs = rootfs
+        self.created = created
+        self.owner = owner
+        self.annotations: dict[str, str] = dict(annotations or {})
+        self.cgroups: list[str] = list(cgroups or [])
+        self.directory = ""  # set by `load`/`save`: the container's state directory
 
-    _directory: str = field(default="", init=False, repr=False, compare=False)
+    def __repr__(self) -> str:
+        return f"WasmState({self.id!r}, pid={self.pid}, bundle={self.bundle!r})"
 
     def alive(self) -> bool:
         """The recorded process still runs (not a zombie, not a recycled pid)."""
@@ -103,7 +116,7 @@ class WasmState:
             return "stopped"
         if stat[0] in "Tt":
             return "paused"
-        if os.path.exists(os.path.join(self._directory, FIFO_NAME)):
+        if os.path.exists(os.path.join(self.directory, FIFO_NAME)):
             return "created"
         return "running"
 
@@ -124,15 +137,22 @@ class WasmState:
             doc["annotations"] = dict(self.annotations)
         return doc
 
+    def to_dict(self) -> dict[str, Any]:
+        """The stored document."""
+        doc: dict[str, Any] = {name: getattr(self, name) for name in self._FIELDS}
+        doc["annotations"] = dict(self.annotations)
+        doc["cgroups"] = list(self.cgroups)
+        return doc
+
     def save(self, directory: str) -> None:
         """Write ``<directory>/wasidispatch.json`` atomically (temp file + rename)."""
-        self._directory = directory
-        doc = asdict(self)
-        del doc["_directory"]
+        import json
+
+        self.directory = directory
         tmp = os.path.join(directory, f".{STATE_NAME}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, json.dumps(doc).encode())
+            os.write(fd, json.dumps(self.to_dict()).encode())
         finally:
             os.close(fd)
         os.replace(tmp, os.path.join(directory, STATE_NAME))
@@ -145,9 +165,17 @@ class WasmState:
         directory = container_dir(root, container_id)
         try:
             with open(os.path.join(directory, STATE_NAME), "rb") as fh:
-                doc = json.loads(fh.read())
-            state = cls(**doc)
-        except (OSError, ValueError, TypeError):
+                data = fh.read()
+        except OSError:
             return None
-        state._directory = directory
+        import json  # only for our own containers: a Linux id never pays for it
+
+        try:
+            doc = json.loads(data)
+            state = cls(**doc)
+        except (ValueError, TypeError):
+            return None
+        if not isinstance(state.pid, int) or not isinstance(state.pid_start, int):
+            return None
+        state.directory = directory
         return state
