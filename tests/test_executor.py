@@ -56,8 +56,10 @@ def no_leftovers() -> Iterator[None]:
 
 def _capture(tmp_path: Path, engine: str | None = None) -> tuple[WasmExecutor, Path]:
     out = tmp_path / "stdout.txt"
-    stdio = {"stdin": Stdio.null(), "stdout": Stdio.file(out), "stderr": Stdio.capture()}
-    return WasmExecutor(engine, **stdio), out
+    executor = WasmExecutor(
+        engine, stdin=Stdio.null(), stdout=Stdio.file(out), stderr=Stdio.capture()
+    )
+    return executor, out
 
 
 @pytest.fixture
