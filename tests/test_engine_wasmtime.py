@@ -399,3 +399,17 @@ def _default_config() -> wasmtime.Config:
     config.cranelift_opt_level = "speed"
     config.wasm_component_model = True
     return config
+
+
+def test_fingerprints_cover_the_envelope_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A new envelope format must be a cache miss, never a cached entry that fails to load.
+    import wasidispatch.engines._support as support
+    import wasidispatch.engines.wasmtime as wasmtime_engine
+    from wasidispatch.engines._wasmtime_cffi import FastWasmtime
+
+    before = (WasmtimeEngine().fingerprint(), FastWasmtime().fingerprint())
+    monkeypatch.setattr(wasmtime_engine, "ENVELOPE_FORMAT", support.ENVELOPE_FORMAT + 1)
+    monkeypatch.setattr(support, "ENVELOPE_FORMAT", support.ENVELOPE_FORMAT + 1)
+    after = (WasmtimeEngine().fingerprint(), FastWasmtime().fingerprint())
+    assert before[0] != after[0]
+    assert before[1] != after[1]

@@ -31,6 +31,7 @@ from wasidispatch.engines._api import Preopen, Workload
 from wasidispatch.errors import CompileError, EngineError, IncompatibleArtifact
 
 __all__ = [
+    "ENVELOPE_FORMAT",
     "TRAILER_SIZE",
     "Artifact",
     "ArtifactFile",
@@ -123,7 +124,10 @@ def cwd_preopen(workload: Workload) -> Preopen | None:
 # is an ELF image that records its own extent, and wasmtime 50 ignores bytes after it, both
 # when loading a file and when loading bytes (checked by ``tests/test_engine_wasmtime.py``).
 _TRAILER_MAGIC = b"WDPCATRL"
-_FORMAT_VERSION = 2  # version 1 was a header in front of the payload (magic b"WDPCA\x01")
+#: Format of the envelope `seal_envelope` writes. Engines put it in their fingerprint, so a
+#: change of format is a miss in `PrecompileCache`, never an entry that keeps failing to load.
+ENVELOPE_FORMAT = 2  # format 1 was a header in front of the payload (magic b"WDPCA\x01")
+_FORMAT_VERSION = ENVELOPE_FORMAT
 _OLD_MAGIC = b"WDPCA\x01"
 # magic, format version, fingerprint (64 hex chars), kind (b"m"/b"c"), payload length, sha256
 _TRAILER = struct.Struct("<8sH64s1s5xQ32s")

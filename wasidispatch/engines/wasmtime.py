@@ -62,6 +62,7 @@ from wasidispatch.engines._api import (
     Workload,
 )
 from wasidispatch.engines._support import (
+    ENVELOPE_FORMAT,
     WasmKind,
     check_preopens,
     cwd_preopen,
@@ -247,13 +248,15 @@ class WasmtimeEngine:
         return version("wasmtime")
 
     def fingerprint(self) -> str:
-        """SHA-256 over engine name and version, the compile-relevant configuration and the
-        target (machine and CPU features): the key of precompiled artifacts."""
+        """SHA-256 over engine name and version, the compile-relevant configuration, the
+        target (machine and CPU features) and the envelope format: the key of precompiled
+        artifacts."""
         if self._fingerprint is None:
             doc = {
                 "engine": self.name,
                 "version": self.version(),
                 "config": {"opt_level": self._opt_level, "epoch": True, "fuel": False},
+                "envelope": ENVELOPE_FORMAT,
                 "target": {"machine": platform.machine(), "cpu": _cpu_flags()},
             }
             blob = json.dumps(doc, sort_keys=True).encode()

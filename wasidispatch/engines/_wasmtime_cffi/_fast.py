@@ -227,15 +227,19 @@ class FastWasmtime:
 
     def fingerprint(self) -> str:
         """SHA-256 (hex) over ``wasmtime-fast``, the wasmtime version, every compile- or
-        allocation-relevant setting, the machine and its CPU features."""
+        allocation-relevant setting, the machine and its CPU features, and the envelope
+        format."""
         if self._fingerprint is None:
             import hashlib
             import json
             import platform
 
+            from wasidispatch.engines._support import ENVELOPE_FORMAT
+
             cfg = self._config
             doc = {
                 "engine": "wasmtime-fast",
+                "envelope": ENVELOPE_FORMAT,
                 "version": self.version(),
                 "config": {
                     "pooling": cfg.pooling,
