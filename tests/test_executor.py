@@ -41,9 +41,9 @@ INSTALLED = [i.name for i in engines.available() if i.installed]
 def _runc_leftovers() -> set[str]:
     """Our private runc state dirs and container processes still around."""
     tmp = Path(tempfile.gettempdir())
-    dirs = {str(p) for p in tmp.glob("wasidispatch-runc-*")}
+    dirs = {str(p) for p in tmp.glob("wasidispatch-linux-*")}
     procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    running = {line for line in procs.splitlines() if "wasidispatch-" in line and "runc" in line}
+    running = {line for line in procs.splitlines() if "wasidispatch-linux-" in line}
     return dirs | running
 
 

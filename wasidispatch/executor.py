@@ -567,7 +567,7 @@ class LinuxExecutor:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             yield self.root
             return
-        path = Path(tempfile.mkdtemp(prefix="wasidispatch-runc-"))
+        path = Path(tempfile.mkdtemp(prefix="wasidispatch-linux-"))
         try:
             yield path
         finally:
