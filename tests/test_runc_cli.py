@@ -646,3 +646,77 @@ def test_wasm_state_kill_delete_import_no_heavy_modules(
         report = json.loads(proc.stderr.splitlines()[-1])
         assert report == {"code": 0, "heavy": []}, (args, report)
     assert not (runtime.root / "w8").exists()
+
+
+# ----------------------------------------------------------------------------- the lean spec
+
+
+def _rich_bundle(directory: Path, args0: str) -> Path:
+    """A bundle using every field the Wasm mapping reads."""
+    from tests.guests import build_c
+
+    rootfs = directory / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "data").mkdir()
+    app = rootfs / "bin" / "app.wasm"
+    app.write_bytes(build_c("hello").read_bytes())
+    app.chmod(0o755)
+    (directory / "shared").mkdir()
+    (directory / "hosts").write_text("")
+    config = {
+        "ociVersion": "1.0.2",
+        "root": {"path": "rootfs", "readonly": True},
+        "process": {
+            "cwd": "/data",
+            "args": [args0, "one", "two words"],
+            "env": ["PATH=/sbin:/bin", "A=1", "A=2", "EMPTY="],
+            "user": {"uid": 0, "gid": 0},
+        },
+        "mounts": [
+            {"destination": "/ro", "source": "shared", "type": "bind", "options": ["rbind", "ro"]},
+            {"destination": "/rw", "source": str(directory / "shared"), "options": ["bind"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"},
+            {"destination": "/etc/hosts", "source": str(directory / "hosts"), "options": ["bind"]},
+        ],
+        "annotations": {"dev.wasidispatch.timeout": "1500ms", "other": "x"},
+        "linux": {"resources": {"memory": {"limit": 64 * 1024 * 1024}}, "cgroupsPath": "/x/y"},
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize("args0", ["/bin/app.wasm", "app.wasm", "../bin/app.wasm#_start"])
+def test_lean_bundle_decides_and_maps_like_the_models(tmp_path: Path, args0: str) -> None:
+    from wasidispatch.executor import WasmExecutor, decide
+    from wasidispatch.oci.bundle import Bundle
+    from wasidispatch.runc.spec import LeanBundle, lean_workload
+
+    directory = _rich_bundle(tmp_path / "b", args0)
+    full, lean = Bundle.load(directory), LeanBundle.load(directory)
+    decision = decide(full)
+    assert decision.kind == "wasm"
+    assert decide(lean) == decision  # type: ignore[arg-type]
+    expected = WasmExecutor("wasmtime").workload(full)
+    assert lean_workload(lean) == expected
+    assert lean_workload(lean, decision.entrypoint) == expected
+    assert expected.limits.timeout == 1.5  # the fields really were mapped
+    assert len(expected.preopens) == 3
+    assert full.spec.linux is not None
+    assert lean.spec.linux.cgroups_path == full.spec.linux.cgroups_path == "/x/y"
+    assert lean.annotations == dict(full.annotations)
+
+
+def test_lean_bundle_refuses_what_cannot_run(tmp_path: Path) -> None:
+    from wasidispatch.errors import SpecError
+    from wasidispatch.runc.spec import LeanBundle
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(SpecError):
+        LeanBundle.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"root": {"path": "missing"}}))
+    with pytest.raises(SpecError, match="not a directory"):
+        LeanBundle.load(tmp_path)
+    (tmp_path / "rootfs").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"root": {"path": "rootfs"}}))
+    with pytest.raises(SpecError, match="nothing to run"):
+        LeanBundle.load(tmp_path).resolve_entrypoint()

@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from wasidispatch.runc import cgroups
 from wasidispatch.runc.args import Invocation
@@ -47,8 +47,9 @@ from wasidispatch.runc.state import (
 )
 
 if TYPE_CHECKING:
-    from wasidispatch.executor import Decision
+    from wasidispatch.executor import Decision, Prepared, WasmExecutor
     from wasidispatch.oci.bundle import Bundle
+    from wasidispatch.runc.spec import LeanBundle
 
 __all__ = ["COMMANDS", "Plan", "create", "plan", "run"]
 
@@ -63,7 +64,7 @@ class Plan:
     """A bundle the dispatch rule sent to Wasm."""
 
     directory: str
-    bundle: Bundle
+    bundle: LeanBundle
     decision: Decision
 
 
@@ -123,11 +124,11 @@ def plan(bundle_dir: str, log: RuntimeLog) -> Plan | None:
         return None
     from wasidispatch.errors import WasiDispatchError
     from wasidispatch.executor import decide
-    from wasidispatch.oci.bundle import Bundle
+    from wasidispatch.runc.spec import LeanBundle
 
     try:
-        bundle = Bundle.load(bundle_dir)
-        decision = decide(bundle)
+        bundle = LeanBundle.load(bundle_dir)
+        decision = decide(cast("Bundle", bundle))  # the same attribute view, without pydantic
     except WasiDispatchError as exc:
         log.debug(f"{bundle_dir}: not decided as Wasm ({exc}), handing to runc")
         return None
@@ -344,7 +345,7 @@ def _apply_process(spec: Any) -> None:
         os.setuid(user.uid or 0)
 
 
-def _executor() -> Any:
+def _executor() -> WasmExecutor:
     from wasidispatch.executor import WasmExecutor
 
     engines = os.environ.get("WASIDISPATCH_ENGINE")
@@ -355,6 +356,19 @@ def _executor() -> Any:
         cache = PrecompileCache(os.environ.get("WASIDISPATCH_CACHE_DIR") or None)
     engine = tuple(e for e in engines.split(",") if e) if engines else None
     return WasmExecutor(engine, cache=cache)
+
+
+def _prepare(executor: WasmExecutor, planned: Plan) -> Prepared:
+    """`WasmExecutor.prepare` for a `LeanBundle`: map, pick the engine, precompile."""
+    from wasidispatch.executor import Prepared
+    from wasidispatch.runc.spec import lean_workload
+
+    bundle = cast("Bundle", planned.bundle)
+    workload = lean_workload(planned.bundle, planned.decision.entrypoint)
+    engine, workload, notes = executor.select_engine(workload, bundle)
+    if executor.cache is not None:
+        workload = executor.cache.with_precompiled(engine, workload)
+    return Prepared(workload, engine, planned.decision, notes)
 
 
 def _container_process(
@@ -380,7 +394,7 @@ def _container_process(
             signal.signal(sig, signal.SIG_DFL)
         _close_fds(keep | {ready})
         executor = _executor()
-        prepared = executor.prepare(planned.bundle)
+        prepared = _prepare(executor, planned)
         cgroups.join(made)
         _apply_process(planned.bundle.spec)
         os.write(ready, b"ok")
