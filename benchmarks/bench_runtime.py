@@ -145,7 +145,9 @@ class Runtime:
         self.base = [binary, "--root", str(root), "--log", str(bundle / "log.json")]
         self.base += ["--log-format", "json"]
         self.bundle = bundle
-        self.env = {**os.environ, "WASIDISPATCH_CACHE_DIR": str(cache)}
+        # as under containerd: bytecode caches written and used (a test runner may disable it)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        self.env = {**env, "WASIDISPATCH_CACHE_DIR": str(cache)}
         self.sink = open(os.devnull, "wb")  # noqa: SIM115 - lives as long as the benchmark
         self.done: list[str] = []
 

@@ -30,8 +30,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from wasidispatch.runc import cgroups
 from wasidispatch.runc.args import Invocation
@@ -46,7 +44,12 @@ from wasidispatch.runc.state import (
     valid_id,
 )
 
+# Not `from typing import ...` nor dataclasses: `start`, `kill` and `delete` import this module
+# and each costs more than the module itself (mypy reads TYPE_CHECKING = False as usual).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
     from wasidispatch.executor import Decision, Prepared, WasmExecutor
     from wasidispatch.oci.bundle import Bundle
     from wasidispatch.runc.spec import LeanBundle
@@ -59,13 +62,18 @@ _WASM_ANNOTATIONS = ("run.oci.handler", "module.wasm.image/variant")
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-@dataclass
 class Plan:
     """A bundle the dispatch rule sent to Wasm."""
 
-    directory: str
-    bundle: LeanBundle
-    decision: Decision
+    def __init__(self, directory: str, bundle: LeanBundle, decision: Decision) -> None:
+        self.directory = directory
+        self.bundle = bundle
+        self.decision = decision
+
+
+def _as_bundle(lean: LeanBundle) -> Bundle:
+    """A `LeanBundle` where the executor expects a `Bundle`: it reads the same attributes."""
+    return lean  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------ the decision
@@ -128,7 +136,7 @@ def plan(bundle_dir: str, log: RuntimeLog) -> Plan | None:
 
     try:
         bundle = LeanBundle.load(bundle_dir)
-        decision = decide(cast("Bundle", bundle))  # the same attribute view, without pydantic
+        decision = decide(_as_bundle(bundle))  # the same attribute view, without pydantic
     except WasiDispatchError as exc:
         log.debug(f"{bundle_dir}: not decided as Wasm ({exc}), handing to runc")
         return None
@@ -363,7 +371,7 @@ def _prepare(executor: WasmExecutor, planned: Plan) -> Prepared:
     from wasidispatch.executor import Prepared
     from wasidispatch.runc.spec import lean_workload
 
-    bundle = cast("Bundle", planned.bundle)
+    bundle = _as_bundle(planned.bundle)
     workload = lean_workload(planned.bundle, planned.decision.entrypoint)
     engine, workload, notes = executor.select_engine(workload, bundle)
     if executor.cache is not None:
