@@ -720,3 +720,67 @@ def test_lean_bundle_refuses_what_cannot_run(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"root": {"path": "rootfs"}}))
     with pytest.raises(SpecError, match="nothing to run"):
         LeanBundle.load(tmp_path).resolve_entrypoint()
+
+
+@needs_runtime
+def test_wasm_run_waits_and_cleans_up(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
+) -> None:
+    bundle = wasm_bundle(tmp_path / "b", "exit", ["5"], cgroup_name)
+    proc = runtime("run", "--bundle", str(bundle), "w9")
+    assert proc.returncode == 5, runtime.errors()
+    assert not (runtime.root / "w9").exists()
+    assert cgroup_dirs(cgroup_name) == []
+
+
+@needs_runtime
+def test_wasm_terminal_goes_to_the_console_socket(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
+) -> None:
+    import socket
+
+    bundle = wasm_bundle(tmp_path / "b", "hello", [], cgroup_name)
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"]["terminal"] = True
+    (bundle / "config.json").write_text(json.dumps(config))
+    assert runtime("create", "-b", str(bundle), "w10").returncode == 1
+    assert "console socket" in runtime.errors()[-1]
+
+    path = tmp_path / "console.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+        pid_file = bundle / "init.pid"
+        created = runtime(
+            "create",
+            "-b",
+            str(bundle),
+            "--console-socket",
+            str(path),
+            "--pid-file",
+            str(pid_file),
+            "w10",
+        )
+        assert created.returncode == 0, runtime.errors()
+        conn, _ = server.accept()
+        with conn:
+            _, fds, _, _ = socket.recv_fds(conn, 64, 1)
+    (master,) = fds
+    try:
+        assert os.isatty(master)
+        pid = int(pid_file.read_text())
+        assert runtime("start", "w10").returncode == 0
+        output = b""
+        while True:
+            try:
+                chunk = os.read(master, 1024)
+            except OSError:  # EIO: the terminal's last user is gone
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert output == b"hello from wasi\r\n"
+        assert wait_exit(pid) == 0
+    finally:
+        os.close(master)
+    assert runtime("delete", "w10").returncode == 0
