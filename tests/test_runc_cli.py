@@ -400,6 +400,10 @@ def test_unknown_ids_go_to_runc(runtime: Runtime) -> None:
     assert out.returncode != 0
     assert any("does not exist" in msg for msg in runtime.errors())
     assert runtime("delete", "--force", "nobody").returncode == 0
+    # a directory without state (an aborted create): runc removes it
+    (runtime.root / "half").mkdir(parents=True)
+    assert runtime("delete", "--force", "half").returncode == 0
+    assert not (runtime.root / "half").exists()
 
 
 # ----------------------------------------------------------------------------- Wasm containers
@@ -521,6 +525,9 @@ def test_wasm_kill_stops_the_guest(
     assert runtime("start", "w3").returncode == 0
     assert runtime.state("w3")["status"] == "running"
     assert json.loads(runtime("ps", "--format", "json", "w3").stdout) == [pid]
+    table = runtime("ps", "w3").stdout.splitlines()
+    assert "PID" in table[0].split()
+    assert [line.split()[1] for line in table[1:]] == [str(pid)]  # ps -ef: PID is column 2
 
     assert runtime("delete", "w3").returncode == 1
     assert runtime.errors()[-1] == "cannot delete container w3 that is not stopped: running"
