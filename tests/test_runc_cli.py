@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import posixpath
 import shutil
 import signal
 import subprocess
@@ -791,3 +792,85 @@ def test_wasm_terminal_goes_to_the_console_socket(
     finally:
         os.close(master)
     assert runtime("delete", "w10").returncode == 0
+
+
+def test_cgroup_hierarchies_from_mountinfo(tmp_path: Path) -> None:
+    from wasidispatch.runc.cgroups import hierarchies
+
+    pure_v2 = tmp_path / "v2"
+    pure_v2.write_text(
+        "24 18 0:22 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+        "25 24 0:22 /sub /mnt/again rw - cgroup2 cgroup2 rw\n"
+        "26 18 0:5 / /proc rw - proc proc rw\n"
+    )
+    found = hierarchies(str(pure_v2))
+    assert [(h.mountpoint, h.version) for h in found] == [("/sys/fs/cgroup", 2)]
+    hybrid = tmp_path / "hybrid"
+    hybrid.write_text(
+        "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
+        "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+        "40 31 0:37 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+    )
+    got = {h.mountpoint: (h.version, sorted(h.controllers)) for h in hierarchies(str(hybrid))}
+    assert got == {
+        "/sys/fs/cgroup/cpu,cpuacct": (1, ["cpu", "cpuacct"]),
+        "/sys/fs/cgroup/memory": (1, ["memory"]),
+        "/sys/fs/cgroup/systemd": (1, ["name=systemd"]),
+        "/sys/fs/cgroup/unified": (2, []),
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("system.slice:docker:abc", "/system.slice/docker-abc.scope"),
+        (":cri:abc", "/system.slice/cri-abc.scope"),
+        ("-.slice:p:n", "/p-n.scope"),
+        ("a-b.slice::c", "/a.slice/a-b.slice/c.scope"),
+        ("a.slice:p:x.slice", "/a.slice/x.slice"),
+    ],
+)
+def test_systemd_cgroup_paths(path: str, expected: str) -> None:
+    from wasidispatch.runc.cgroups import expand_systemd
+
+    assert expand_systemd(path) == expected
+
+
+@pytest.mark.parametrize("path", ["a:b", "a.slice:b:../x", "noslice:p:n", "a.slice:p:"])
+def test_systemd_cgroup_paths_refused(path: str) -> None:
+    from wasidispatch.runc.cgroups import CgroupError, expand_systemd
+
+    with pytest.raises(CgroupError):
+        expand_systemd(path)
+
+
+@needs_runtime
+def test_wasm_relative_cgroups_path_is_below_the_callers_cgroup(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
+) -> None:
+    relative = cgroup_name.lstrip("/")
+    bundle = wasm_bundle(tmp_path / "b", "loop", [], relative)
+    pid = create(runtime, bundle, "w11", tmp_path / "out")
+    own = dict(
+        (ctrl, path)
+        for _, ctrl, path in (
+            line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()
+        )
+    )
+    theirs = dict(
+        (ctrl, path)
+        for _, ctrl, path in (
+            line.split(":", 2) for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        )
+    )
+    assert own.keys() == theirs.keys()
+    for ctrl, path in theirs.items():
+        assert path == posixpath.join(own[ctrl], relative), ctrl
+    assert runtime("delete", "--force", "w11").returncode == 0
+    assert wait_exit(pid) == 128 + signal.SIGKILL
+    state = WasmState.load(str(runtime.root), "w11")
+    assert state is None
+    for ctrl, path in theirs.items():
+        mount = "unified" if ctrl == "" else ctrl.replace("name=", "")
+        assert not Path("/sys/fs/cgroup", mount, path.lstrip("/")).exists()

@@ -51,9 +51,27 @@ class Hierarchy:
         return f"Hierarchy({self.mountpoint!r}, v{self.version}, {sorted(self.controllers)})"
 
 
+_V1_CONTROLLERS = (
+    "cpuset cpu cpuacct blkio memory devices freezer net_cls perf_event net_prio hugetlb pids "
+    "rdma misc"
+)
+
+
+def _controller_names() -> frozenset[str]:
+    """The kernel's controller names (``/proc/cgroups``): mount options such as ``xattr``
+    or ``nsdelegate`` are not controllers."""
+    try:
+        with open("/proc/cgroups") as fh:
+            names = {line.split()[0] for line in fh if line.strip() and not line.startswith("#")}
+    except OSError:
+        names = set()
+    return frozenset(names | set(_V1_CONTROLLERS.split()))
+
+
 def hierarchies(mountinfo: str = _MOUNTINFO) -> list[Hierarchy]:
     """The cgroup hierarchies mounted in this mount namespace (first mount of each)."""
     found: dict[str, Hierarchy] = {}
+    known = _controller_names()
     with open(mountinfo) as fh:
         for line in fh:
             left, _, right = line.partition(" - ")
@@ -65,7 +83,7 @@ def hierarchies(mountinfo: str = _MOUNTINFO) -> list[Hierarchy]:
             if fstype == "cgroup2":
                 found.setdefault("2", Hierarchy(mountpoint, 2, frozenset()))
             elif fstype == "cgroup":
-                ctrl = frozenset(o for o in options if o not in ("rw", "ro") and "=" not in o)
+                ctrl = frozenset(o for o in options if o in known)
                 named = frozenset(o for o in options if o.startswith("name="))
                 key = ",".join(sorted(ctrl | named))
                 found.setdefault(key, Hierarchy(mountpoint, 1, ctrl | named))
@@ -199,6 +217,9 @@ def create(
             else:
                 directory = os.path.normpath(os.path.join(h.mountpoint, path.lstrip("/")))
             if h.version == 2:
+                # every ancestor must exist and delegate the controllers before the leaf
+                # gets its interface files (memory.max, pids.max)
+                os.makedirs(os.path.dirname(directory), exist_ok=True)
                 _enable_v2_controllers(h.mountpoint, directory, ("memory", "pids"))
             os.makedirs(directory, exist_ok=True)
             made.append(directory)
