@@ -324,10 +324,13 @@ def _executor(engine: str | WasmerEngine) -> WasmExecutor:
     return WasmExecutor(engine, stdin=Stdio.null(), stdout=Stdio.capture(), stderr=Stdio.capture())
 
 
-def test_bundle_with_readonly_root_is_refused_by_default(tmp_path: Path) -> None:
+def test_bundle_with_readonly_root_is_refused_by_a_default_engine(tmp_path: Path) -> None:
     bundle = wasm_bundle(tmp_path / "b", build_c("hello"))
     with pytest.raises(CantHandle, match="read-only"):
-        _executor("wasmer").validate(Bundle.load(bundle))
+        _executor(WasmerEngine()).validate(Bundle.load(bundle))
+    # The executor loads "wasmer" by name with discard_writes (docs/dispatch.md) and says so.
+    decision = _executor("wasmer").validate(Bundle.load(bundle))
+    assert decision.evidence[-1].detail == "runs on wasmer"
 
 
 def test_bundles_run_with_discard_writes(tmp_path: Path) -> None:

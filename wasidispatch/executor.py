@@ -78,6 +78,11 @@ DEFAULT_ENGINES: tuple[str, ...] = ("wasmtime-fast", "wasmtime", "wasmer")
 
 #: Options the executor gives engines it loads by name (see `WasmExecutor`).
 _ENGINE_OPTIONS: dict[str, dict[str, object]] = {"wasmer": {"discard_writes": True}}
+#: What those options change, for the decision's evidence.
+_ENGINE_CAVEATS: dict[str, str] = {
+    "wasmer": "wasmer: the rootfs and read-only mounts are copy-on-write mirrors (guest writes "
+    "to them succeed and are discarded; the host is never changed)",
+}
 
 _WASM_HANDLERS = frozenset({"wasm", "wasi", "wasmtime", "wasmer", "wasmedge", "wamr"})
 _WASM_FORMATS = frozenset({"wasm-module", "wasm-component"})
@@ -378,15 +383,16 @@ class WasmExecutor:
                 notes.append(f"passed over {label}: unavailable ({exc})")
                 continue
             verdict = engine.can_handle(workload)
+            caveat = _ENGINE_CAVEATS.get(choice) if isinstance(choice, str) else None
             if verdict:
-                return engine, workload, tuple(notes)
+                return engine, workload, (*notes, *([caveat] if caveat else []))
             if workload.stdin.kind == "inherit" and not _stdin_is_tty():
                 # An engine that cannot share fd 0 can still read it to the end first, which
                 # is what a container's piped or /dev/null stdin amounts to.
                 piped = replace(workload, stdin=Stdio.file("/dev/stdin"))
                 if engine.can_handle(piped):
                     note = f"{label}: stdin is read to EOF before the guest starts"
-                    return engine, piped, (*notes, note)
+                    return engine, piped, (*notes, note, *([caveat] if caveat else []))
             notes.append(f"passed over {label}: {verdict.reason}")
         raise CantHandle("no Wasm engine can run this container: " + "; ".join(notes))
 
