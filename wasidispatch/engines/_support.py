@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import stat
 import struct
@@ -33,6 +34,7 @@ from wasidispatch.errors import CompileError, EngineError, IncompatibleArtifact
 __all__ = [
     "ENVELOPE_FORMAT",
     "TRAILER_SIZE",
+    "WASMTIME_MAX_WASM_STACK",
     "Artifact",
     "ArtifactFile",
     "WasmKind",
@@ -42,6 +44,7 @@ __all__ = [
     "open_envelope_file",
     "seal_envelope",
     "wasm_kind",
+    "wasmtime_refusal",
 ]
 
 WasmKind = Literal["module", "component"]
@@ -70,6 +73,35 @@ def wasm_kind(data: bytes) -> WasmKind:
     if layer == 1:
         return "component"
     raise CompileError(f"unsupported WebAssembly binary version {version} (layer {layer})")
+
+
+#: wasmtime aborts the whole process (a Rust panic) for a guest stack outside 1..2 MiB here.
+WASMTIME_MAX_WASM_STACK = 2 * 1024 * 1024
+
+
+def wasmtime_refusal(workload: Workload) -> str | None:
+    """Why a wasmtime-based engine must refuse ``workload`` (``None`` when it need not): a
+    stack size that would abort the interpreter, negative or non-finite limits, and stdio
+    directions that make no sense (captured stdin, bytes fed to an output)."""
+    lim = workload.limits
+    stack = lim.max_wasm_stack
+    if stack is not None and not 0 < stack <= WASMTIME_MAX_WASM_STACK:
+        return (
+            f"max_wasm_stack must be between 1 and {WASMTIME_MAX_WASM_STACK} bytes "
+            f"(wasmtime aborts the process otherwise), got {stack}"
+        )
+    for field in ("memory_bytes", "fuel"):
+        value = getattr(lim, field)
+        if value is not None and value < 0:
+            return f"limits.{field} must not be negative, got {value}"
+    if lim.timeout is not None and not (lim.timeout > 0 and math.isfinite(lim.timeout)):
+        return f"limits.timeout must be a positive number, got {lim.timeout}"
+    if workload.stdin.kind == "capture":
+        return "stdin cannot be captured; use Stdio.from_bytes or a file"
+    for stream, stdio in (("stdout", workload.stdout), ("stderr", workload.stderr)):
+        if stdio.kind == "bytes":
+            return f"{stream} cannot be fed bytes; use capture or a file"
+    return None
 
 
 def check_preopens(preopens: tuple[Preopen, ...]) -> None:

@@ -63,6 +63,7 @@ from wasidispatch.engines._api import (
 )
 from wasidispatch.engines._support import (
     ENVELOPE_FORMAT,
+    WASMTIME_MAX_WASM_STACK,
     WasmKind,
     check_preopens,
     cwd_preopen,
@@ -70,6 +71,7 @@ from wasidispatch.engines._support import (
     open_envelope_file,
     seal_envelope,
     wasm_kind,
+    wasmtime_refusal,
 )
 from wasidispatch.errors import CantHandle, CompileError, EngineError, IncompatibleArtifact
 
@@ -77,7 +79,7 @@ __all__ = ["MAX_WASM_STACK", "TICK", "WasmtimeEngine"]
 
 #: Largest ``Limits.max_wasm_stack`` accepted: wasmtime aborts the process above its async
 #: stack size (2 MiB by default) instead of raising.
-MAX_WASM_STACK = 2 * 1024 * 1024
+MAX_WASM_STACK = WASMTIME_MAX_WASM_STACK
 
 #: Epoch tick, in seconds: the resolution of ``Limits.timeout``.
 TICK = 0.005
@@ -265,24 +267,8 @@ class WasmtimeEngine:
 
     def can_handle(self, workload: Workload) -> Verdict:
         """Refuses only settings that could abort the interpreter or are meaningless."""
-        lim = workload.limits
-        if lim.max_wasm_stack is not None and not 0 < lim.max_wasm_stack <= MAX_WASM_STACK:
-            return Verdict.no(
-                f"max_wasm_stack must be between 1 and {MAX_WASM_STACK} bytes "
-                f"(wasmtime aborts the process otherwise), got {lim.max_wasm_stack}"
-            )
-        for field in ("memory_bytes", "fuel"):
-            value = getattr(lim, field)
-            if value is not None and value < 0:
-                return Verdict.no(f"limits.{field} must not be negative, got {value}")
-        if lim.timeout is not None and not (lim.timeout > 0 and math.isfinite(lim.timeout)):
-            return Verdict.no(f"limits.timeout must be a positive number, got {lim.timeout}")
-        if workload.stdin.kind == "capture":
-            return Verdict.no("stdin cannot be captured; use Stdio.from_bytes or a file")
-        for stream, stdio in (("stdout", workload.stdout), ("stderr", workload.stderr)):
-            if stdio.kind == "bytes":
-                return Verdict.no(f"{stream} cannot be fed bytes; use capture or a file")
-        return Verdict.yes()
+        reason = wasmtime_refusal(workload)
+        return Verdict.no(reason) if reason else Verdict.yes()
 
     def precompile(self, wasm: bytes) -> bytes:
         """Compile ``wasm`` (module or component) for this engine's default configuration,

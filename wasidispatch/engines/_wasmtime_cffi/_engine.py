@@ -18,7 +18,6 @@ precompiled artifact is made for, and accepted by, the default configuration onl
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -32,9 +31,9 @@ from wasidispatch.engines._support import (
     open_envelope,
     open_envelope_file,
     wasm_kind,
+    wasmtime_refusal,
 )
 from wasidispatch.engines._wasmtime_cffi._fast import FastWasmtime, PreparedModule
-from wasidispatch.engines._wasmtime_cffi._native import MAX_WASM_STACK
 from wasidispatch.errors import CantHandle, CompileError
 
 __all__ = ["FastWasmtimeEngine"]
@@ -114,24 +113,8 @@ class FastWasmtimeEngine:
                 "the wasmtime fast path runs core modules only; "
                 "components run on the 'wasmtime' engine"
             )
-        lim = workload.limits
-        if lim.max_wasm_stack is not None and not 0 < lim.max_wasm_stack <= MAX_WASM_STACK:
-            return Verdict.no(
-                f"max_wasm_stack must be between 1 and {MAX_WASM_STACK} bytes "
-                f"(wasmtime aborts the process otherwise), got {lim.max_wasm_stack}"
-            )
-        for field in ("memory_bytes", "fuel"):
-            value = getattr(lim, field)
-            if value is not None and value < 0:
-                return Verdict.no(f"limits.{field} must not be negative, got {value}")
-        if lim.timeout is not None and not (lim.timeout > 0 and math.isfinite(lim.timeout)):
-            return Verdict.no(f"limits.timeout must be a positive number, got {lim.timeout}")
-        if workload.stdin.kind == "capture":
-            return Verdict.no("stdin cannot be captured; use Stdio.from_bytes or a file")
-        for stream, stdio in (("stdout", workload.stdout), ("stderr", workload.stderr)):
-            if stdio.kind == "bytes":
-                return Verdict.no(f"{stream} cannot be fed bytes; use capture or a file")
-        return Verdict.yes()
+        reason = wasmtime_refusal(workload)
+        return Verdict.no(reason) if reason else Verdict.yes()
 
     def precompile(self, wasm: bytes) -> bytes:
         """Compile a core module for the default configuration, in the verified envelope.

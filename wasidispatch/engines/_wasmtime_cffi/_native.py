@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
+from wasidispatch.engines._support import WASMTIME_MAX_WASM_STACK
 from wasidispatch.engines._wasmtime_cffi._lib import Loaded
 from wasidispatch.errors import CantHandle, CompileError, EngineError, IncompatibleArtifact
 
@@ -46,7 +47,7 @@ TRAP_CODE_OUT_OF_FUEL = 11
 
 #: Largest ``max_wasm_stack`` accepted: wasmtime aborts the process (it cannot return an
 #: error from engine creation) for 0 or values above its 2 MiB async stack.
-MAX_WASM_STACK = 2 * 1024 * 1024
+MAX_WASM_STACK = WASMTIME_MAX_WASM_STACK
 
 
 class EngineConfig(NamedTuple):
