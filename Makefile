@@ -51,7 +51,7 @@ pytest: system-deps $(VENV)/.stamp-test fixtures
 test: lint typecheck pytest
 
 bench: system-deps $(VENV)/.stamp-test
-	$(PY) -m pytest benchmarks -o python_files='bench_*.py' -p no:doctest --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
+	$(PY) -m pytest benchmarks -o python_files='bench_*.py' --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
