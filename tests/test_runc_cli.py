@@ -677,7 +677,7 @@ def _rich_bundle(directory: Path, args0: str) -> Path:
         "process": {
             "cwd": "/data",
             "args": [args0, "one", "two words"],
-            "env": ["PATH=/sbin:/bin", "A=1", "A=2", "EMPTY="],
+            "env": ["PATH=/sbin:/bin", "A=1", "A=2", "EMPTY=", "BARE"],
             "user": {"uid": 0, "gid": 0},
         },
         "mounts": [
@@ -697,19 +697,25 @@ def _rich_bundle(directory: Path, args0: str) -> Path:
 def test_lean_bundle_decides_and_maps_like_the_models(tmp_path: Path, args0: str) -> None:
     from wasidispatch.executor import WasmExecutor, decide
     from wasidispatch.oci.bundle import Bundle
-    from wasidispatch.runc.spec import LeanBundle, lean_workload
+    from wasidispatch.runc.spec import LeanBundle
 
     directory = _rich_bundle(tmp_path / "b", args0)
     full, lean = Bundle.load(directory), LeanBundle.load(directory)
     decision = decide(full)
     assert decision.kind == "wasm"
-    assert decide(lean) == decision  # type: ignore[arg-type]
-    expected = WasmExecutor("wasmtime").workload(full)
-    assert lean_workload(lean) == expected
-    assert lean_workload(lean, decision.entrypoint) == expected
+    assert decide(lean) == decision
+    executor = WasmExecutor("wasmtime")
+    expected = executor.workload(full)
+    assert executor.workload(lean) == expected
+    assert executor.workload(lean, entrypoint=decision.entrypoint) == expected
     assert expected.limits.timeout == 1.5  # the fields really were mapped
     assert len(expected.preopens) == 3
+    assert expected.env == {"PATH": "/sbin:/bin", "A": "2", "EMPTY": "", "BARE": ""}
+    planned_full, planned_lean = executor.plan(full), WasmExecutor("wasmtime").plan(lean)
+    assert planned_lean.workload == planned_full.workload
+    assert planned_lean.decision == planned_full.decision
     assert full.spec.linux is not None
+    assert lean.spec.linux is not None
     assert lean.spec.linux.cgroups_path == full.spec.linux.cgroups_path == "/x/y"
     assert lean.annotations == dict(full.annotations)
 
@@ -728,6 +734,41 @@ def test_lean_bundle_refuses_what_cannot_run(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"root": {"path": "rootfs"}}))
     with pytest.raises(SpecError, match="nothing to run"):
         LeanBundle.load(tmp_path).resolve_entrypoint()
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"process": {"cwd": "/", "args": "/app.wasm"}}, "process.args: not a list of strings"),
+        ({"process": {"cwd": 1, "args": ["/a"]}}, "process.cwd: not a string"),
+        ({"process": {"cwd": "/", "env": [1]}}, "process.env: not a list of strings"),
+        ({"process": []}, "process: not an object"),
+        ({"root": {"path": "rootfs", "readonly": "yes"}}, "root.readonly: not a boolean"),
+        ({"mounts": [{"source": "/x"}]}, "mounts.0.destination: not set"),
+        ({"mounts": [{"destination": "/d", "options": "ro"}]}, "mounts.0.options: not a list"),
+        ({"mounts": {"destination": "/d"}}, "mounts: not a list of objects"),
+        ({"linux": {"resources": {"memory": {"limit": "1G"}}}}, "memory.limit: not an integer"),
+        ({"linux": {"resources": {"memory": {"limit": True}}}}, "memory.limit: not an integer"),
+        ({"annotations": {"a": 1}}, "annotations: not a map of strings"),
+    ],
+)
+def test_lean_bundle_refuses_wrong_json_types(
+    tmp_path: Path, patch: dict[str, object], message: str
+) -> None:
+    """Every field the executor reads is type-checked when the bundle is loaded, as the
+    models check it: a `SpecError` naming config.json and the field, never a TypeError."""
+    from wasidispatch.errors import SpecError
+    from wasidispatch.oci.bundle import Bundle
+    from wasidispatch.runc.spec import LeanBundle
+
+    (tmp_path / "rootfs").mkdir()
+    config = {"ociVersion": "1.0.2", "root": {"path": "rootfs"}, **patch}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpecError, match=message.replace(".", r"\.")) as caught:
+        LeanBundle.load(tmp_path)
+    assert str(tmp_path / "config.json") in str(caught.value)
+    with pytest.raises(SpecError):  # the models refuse the same config.json
+        Bundle.load(tmp_path)
 
 
 @needs_runtime

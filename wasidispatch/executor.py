@@ -19,14 +19,10 @@ The decision rule (`decide`, documented in ``docs/dispatch.md``):
 
 from __future__ import annotations
 
-import contextlib
+import contextlib  # free: typing imports it
 import os
-import shutil
-import subprocess
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
@@ -43,16 +39,17 @@ from wasidispatch.engines._api import (
 from wasidispatch.errors import CantHandle, DetectionError, SpecError
 
 if TYPE_CHECKING:
+    import subprocess
+
     from wasidispatch.cache import PrecompileCache
-    from wasidispatch.oci.bundle import Bundle
     from wasidispatch.oci.layout import WasmLayer
-    from wasidispatch.oci.runtime import Spec
 
 __all__ = [
     "ANNOTATION_ENGINE",
     "ANNOTATION_HANDLER",
     "ANNOTATION_TIMEOUT",
     "ANNOTATION_VARIANT",
+    "BundleLike",
     "Decision",
     "DispatchExecutor",
     "Evidence",
@@ -88,6 +85,94 @@ _WASM_HANDLERS = frozenset({"wasm", "wasi", "wasmtime", "wasmer", "wasmedge", "w
 _WASM_FORMATS = frozenset({"wasm-module", "wasm-component"})
 
 Kind = Literal["wasm", "linux"]
+
+
+# ---------------------------------------------------------------------------------- bundles
+
+
+class ProcessLike(Protocol):
+    """The part of ``process`` the executors read."""
+
+    @property
+    def args(self) -> Sequence[str] | None: ...
+    @property
+    def cwd(self) -> str: ...
+    def env_dict(self) -> dict[str, str]: ...
+
+
+class RootLike(Protocol):
+    """The part of ``root`` the executors read."""
+
+    @property
+    def readonly(self) -> bool | None: ...
+
+
+class MountLike(Protocol):
+    """The part of a mount the executors read."""
+
+    @property
+    def destination(self) -> str: ...
+    @property
+    def source(self) -> str | None: ...
+    @property
+    def type(self) -> str | None: ...
+    @property
+    def options(self) -> Sequence[str] | None: ...
+
+
+class MemoryLike(Protocol):
+    """``linux.resources.memory``: its ``limit``."""
+
+    @property
+    def limit(self) -> int | None: ...
+
+
+class ResourcesLike(Protocol):
+    """``linux.resources``: its ``memory``."""
+
+    @property
+    def memory(self) -> MemoryLike | None: ...
+
+
+class LinuxLike(Protocol):
+    """``linux``: its ``resources``."""
+
+    @property
+    def resources(self) -> ResourcesLike | None: ...
+
+
+class SpecLike(Protocol):
+    """The part of config.json the executors read."""
+
+    @property
+    def process(self) -> ProcessLike | None: ...
+    @property
+    def root(self) -> RootLike | None: ...
+    @property
+    def mounts(self) -> Sequence[MountLike] | None: ...
+    @property
+    def linux(self) -> LinuxLike | None: ...
+
+
+class BundleLike(Protocol):
+    """What the executors need of a bundle: `wasidispatch.oci.bundle.Bundle` (pydantic
+    models) is one, ``wasidispatch-runc``'s stdlib ``LeanBundle`` another.
+
+    ``path`` is the bundle directory, ``rootfs`` the host path of its root filesystem,
+    ``spec`` its config.json (the fields of `SpecLike`), and ``resolve_entrypoint(name)`` the
+    host path of ``name`` (``process.args[0]`` by default) inside the rootfs, raising
+    `SpecError` when there is none.
+    """
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def rootfs(self) -> Path: ...
+    @property
+    def annotations(self) -> Mapping[str, str]: ...
+    @property
+    def spec(self) -> SpecLike: ...
+    def resolve_entrypoint(self, name: str | None = None) -> Path: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,12 +224,12 @@ class Executor(Protocol):
         """Short name used in decisions, e.g. ``"wasm"`` or ``"linux"``."""
         ...
 
-    def validate(self, bundle: Bundle, *, layers: Sequence[WasmLayer] = ()) -> Decision:
+    def validate(self, bundle: BundleLike, *, layers: Sequence[WasmLayer] = ()) -> Decision:
         """Return the decision when this executor takes ``bundle``; raise `CantHandle` with
         the reason when it does not."""
         ...
 
-    def exec(self, bundle: Bundle, *, layers: Sequence[WasmLayer] = ()) -> int:
+    def exec(self, bundle: BundleLike, *, layers: Sequence[WasmLayer] = ()) -> int:
         """Run ``bundle`` to completion and return its exit code."""
         ...
 
@@ -152,10 +237,13 @@ class Executor(Protocol):
 # ---------------------------------------------------------------------------------- decision
 
 
-def _load(bundle: Bundle | str | os.PathLike[str]) -> Bundle:
-    from wasidispatch.oci.bundle import Bundle
+def _load(bundle: BundleLike | str | os.PathLike[str]) -> BundleLike:
+    """A path is loaded as a `wasidispatch.oci.bundle.Bundle`; a bundle passes through."""
+    if isinstance(bundle, str | os.PathLike):
+        from wasidispatch.oci.bundle import Bundle
 
-    return bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        return Bundle.load(bundle)
+    return bundle
 
 
 def _entry_path(args0: str) -> tuple[str, str | None]:
@@ -164,11 +252,11 @@ def _entry_path(args0: str) -> tuple[str, str | None]:
     return (path, func) if sep and func else (args0, None)
 
 
-def _annotations(bundle: Bundle) -> Mapping[str, str]:
+def _annotations(bundle: BundleLike) -> Mapping[str, str]:
     return bundle.annotations
 
 
-def _args0(bundle: Bundle) -> str:
+def _args0(bundle: BundleLike) -> str:
     process = bundle.spec.process
     if process is None or not process.args:
         raise CantHandle(f"{bundle.path}: config.json has no process.args to run")
@@ -178,7 +266,7 @@ def _args0(bundle: Bundle) -> str:
 MemoKey = tuple[str, tuple[str, ...], int, int, int]
 
 
-def _memo_key(bundle: Bundle, layers: Sequence[WasmLayer]) -> MemoKey:
+def _memo_key(bundle: BundleLike, layers: Sequence[WasmLayer]) -> MemoKey:
     """Identity of a bundle's decision: its path, the layers, and config.json's inode, mtime
     and size (an edited config.json is decided again)."""
     try:
@@ -189,7 +277,7 @@ def _memo_key(bundle: Bundle, layers: Sequence[WasmLayer]) -> MemoKey:
     return (str(bundle.path), tuple(layer.digest for layer in layers), *ident)
 
 
-def decide(bundle: Bundle, *, layers: Sequence[WasmLayer] = ()) -> Decision:
+def decide(bundle: BundleLike, *, layers: Sequence[WasmLayer] = ()) -> Decision:
     """Apply the decision rule (module docstring) to ``bundle``; no executor is consulted.
 
     Raises `CantHandle` when the rule reaches no verdict (entrypoint missing, escaping the
@@ -233,7 +321,7 @@ def decide(bundle: Bundle, *, layers: Sequence[WasmLayer] = ()) -> Decision:
     )
 
 
-def _sniff_entrypoint(bundle: Bundle) -> tuple[Path, Detected]:
+def _sniff_entrypoint(bundle: BundleLike) -> tuple[Path, Detected]:
     try:
         entry = bundle.resolve_entrypoint(_entry_path(_args0(bundle))[0])
         return entry, sniff_path(entry)
@@ -363,14 +451,14 @@ class WasmExecutor:
             raise got
         return got
 
-    def _candidates(self, bundle: Bundle) -> tuple[str | Engine, ...]:
+    def _candidates(self, bundle: BundleLike) -> tuple[str | Engine, ...]:
         named = _annotations(bundle).get(ANNOTATION_ENGINE)
         if named:
             return (named,)
         return self._choices
 
     def select_engine(
-        self, workload: Workload, bundle: Bundle
+        self, workload: Workload, bundle: BundleLike
     ) -> tuple[Engine, Workload, tuple[str, ...]]:
         """The first engine that honours ``workload`` (possibly adapted: see the notes), and
         why the earlier ones were passed over."""
@@ -400,7 +488,7 @@ class WasmExecutor:
 
     def workload(
         self,
-        bundle: Bundle | str | os.PathLike[str],
+        bundle: BundleLike | str | os.PathLike[str],
         *,
         layers: Sequence[WasmLayer] = (),
         entrypoint: Path | None = None,
@@ -455,7 +543,7 @@ class WasmExecutor:
 
     # -- executor protocol
 
-    def plan(self, bundle: Bundle, *, layers: Sequence[WasmLayer] = ()) -> Prepared:
+    def plan(self, bundle: BundleLike, *, layers: Sequence[WasmLayer] = ()) -> Prepared:
         """Decide, map and pick the engine (memoized per bundle); nothing is compiled."""
         key = _memo_key(bundle, layers)
         planned = self._plans.get(key)
@@ -476,12 +564,12 @@ class WasmExecutor:
         self._plans[key] = planned
         return planned
 
-    def validate(self, bundle: Bundle, *, layers: Sequence[WasmLayer] = ()) -> Decision:
+    def validate(self, bundle: BundleLike, *, layers: Sequence[WasmLayer] = ()) -> Decision:
         """Accept ``bundle`` when the decision rule says Wasm and an engine can run it."""
         return self.plan(_load(bundle), layers=layers).decision
 
     def prepare(
-        self, bundle: Bundle | str | os.PathLike[str], *, layers: Sequence[WasmLayer] = ()
+        self, bundle: BundleLike | str | os.PathLike[str], *, layers: Sequence[WasmLayer] = ()
     ) -> Prepared:
         """`plan`, then precompile through the cache (when there is one): ready to `run`."""
         planned = self.plan(_load(bundle), layers=layers)
@@ -496,12 +584,12 @@ class WasmExecutor:
         """Run a prepared container to completion."""
         return prepared.engine.run(prepared.workload)
 
-    def exec(self, bundle: Bundle, *, layers: Sequence[WasmLayer] = ()) -> int:
+    def exec(self, bundle: BundleLike, *, layers: Sequence[WasmLayer] = ()) -> int:
         """Run ``bundle`` on the selected engine; the guest's exit code (137 on a trap)."""
         return self.run(self.prepare(bundle, layers=layers)).exit_code
 
 
-def _memory_limit(spec: Spec) -> int | None:
+def _memory_limit(spec: SpecLike) -> int | None:
     linux = spec.linux
     resources = linux.resources if linux is not None else None
     memory = resources.memory if resources is not None else None
@@ -544,6 +632,8 @@ class LinuxExecutor:
         self._stdio = (stdin, stdout, stderr)
 
     def _binary(self) -> str:
+        import shutil
+
         found = shutil.which(self.runtime)
         if found is None:
             raise CantHandle(
@@ -552,7 +642,7 @@ class LinuxExecutor:
             )
         return found
 
-    def validate(self, bundle: Bundle, *, layers: Sequence[WasmLayer] = ()) -> Decision:
+    def validate(self, bundle: BundleLike, *, layers: Sequence[WasmLayer] = ()) -> Decision:
         """Accept ``bundle`` when the rule says Linux and the entrypoint is executable."""
         bundle = _load(bundle)
         decision = decide(bundle, layers=layers)
@@ -567,28 +657,30 @@ class LinuxExecutor:
         self._binary()
         return replace(decision, executor=self.name)
 
-    @contextlib.contextmanager
-    def _state_root(self) -> Iterator[Path]:
-        if self.root is not None:
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            yield self.root
-            return
-        path = Path(tempfile.mkdtemp(prefix="wasidispatch-linux-"))
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-
     def exec(
-        self, bundle: Bundle, *, layers: Sequence[WasmLayer] = (), container_id: str | None = None
+        self,
+        bundle: BundleLike,
+        *,
+        layers: Sequence[WasmLayer] = (),
+        container_id: str | None = None,
     ) -> int:
         """Run ``bundle`` with the OCI runtime and return the container's exit code."""
+        # Imported here: the Wasm path (``wasidispatch-runc create``) never needs them.
+        import shutil
+        import subprocess
+        import tempfile
+
         bundle = _load(bundle)
         self.validate(bundle, layers=layers)
         binary = self._binary()
-        cid = container_id or f"{self.id_prefix}{uuid.uuid4().hex[:16]}"
-        with self._state_root() as root:
-            base = [binary, "--root", str(root)]
+        cid = container_id or f"{self.id_prefix}{os.urandom(8).hex()}"
+        if self.root is not None:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            root, private = self.root, False
+        else:
+            root, private = Path(tempfile.mkdtemp(prefix="wasidispatch-linux-")), True
+        base = [binary, "--root", str(root)]
+        try:
             stdin, stdout, stderr = self._stdio
             proc = subprocess.Popen(
                 [*base, "run", "--bundle", str(bundle.path), cid],
@@ -600,14 +692,17 @@ class LinuxExecutor:
                 return _wait_exit_code(proc)
             except BaseException:
                 _run_quietly([*base, "kill", cid, "KILL"])
-                with contextlib.suppress(subprocess.TimeoutExpired):
+                try:
                     proc.wait(timeout=10)
-                if proc.poll() is None:
+                except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
                 raise
             finally:
                 _run_quietly([*base, "delete", "--force", cid])
+        finally:
+            if private:
+                shutil.rmtree(root, ignore_errors=True)
 
 
 def _wait_exit_code(proc: subprocess.Popen[bytes]) -> int:
@@ -616,6 +711,8 @@ def _wait_exit_code(proc: subprocess.Popen[bytes]) -> int:
 
 
 def _run_quietly(argv: list[str]) -> None:
+    import subprocess
+
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
 
@@ -645,7 +742,7 @@ class DispatchExecutor:
         )
         self._memo: dict[MemoKey, tuple[Decision, Executor]] = {}
 
-    def _choose(self, bundle: Bundle, layers: Sequence[WasmLayer]) -> tuple[Decision, Executor]:
+    def _choose(self, bundle: BundleLike, layers: Sequence[WasmLayer]) -> tuple[Decision, Executor]:
         key = _memo_key(bundle, layers)
         memo = self._memo.get(key)
         if memo is not None:
@@ -662,24 +759,24 @@ class DispatchExecutor:
         raise CantHandle(f"no executor takes {bundle.path}: " + " | ".join(refusals))
 
     def explain(
-        self, bundle: Bundle | str | os.PathLike[str], *, layers: Sequence[WasmLayer] = ()
+        self, bundle: BundleLike | str | os.PathLike[str], *, layers: Sequence[WasmLayer] = ()
     ) -> Decision:
         """The executor ``bundle`` would run on, and the evidence; raises `CantHandle`."""
         return self._choose(_load(bundle), layers)[0]
 
-    def validate(self, bundle: Bundle, *, layers: Sequence[WasmLayer] = ()) -> Decision:
+    def validate(self, bundle: BundleLike, *, layers: Sequence[WasmLayer] = ()) -> Decision:
         """Same as `explain`: raises `CantHandle` when no executor takes the bundle."""
         return self.explain(bundle, layers=layers)
 
     def exec(
-        self, bundle: Bundle | str | os.PathLike[str], *, layers: Sequence[WasmLayer] = ()
+        self, bundle: BundleLike | str | os.PathLike[str], *, layers: Sequence[WasmLayer] = ()
     ) -> int:
         """Run ``bundle`` on the chosen executor; its exit code."""
         loaded = _load(bundle)
         return self._choose(loaded, layers)[1].exec(loaded, layers=layers)
 
     def run(
-        self, bundle: Bundle | str | os.PathLike[str], *, layers: Sequence[WasmLayer] = ()
+        self, bundle: BundleLike | str | os.PathLike[str], *, layers: Sequence[WasmLayer] = ()
     ) -> tuple[Decision, int, float]:
         """Run ``bundle`` and return (decision, exit code, wall seconds) — what the demo and
         ``wasidispatch run --verbose`` print."""

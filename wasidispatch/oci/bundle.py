@@ -7,7 +7,8 @@ the rootfs, following symlinks as the container sees them, searching the spec's 
 (never the host's) when the name has no ``/``.
 
 Errors: everything here raises :class:`~wasidispatch.errors.SpecError` naming the bundle and
-the field. Path resolution is :func:`wasidispatch.detect.resolve_in_root`; its
+the field. Path resolution is :mod:`wasidispatch.oci._resolve` over
+:func:`wasidispatch.detect.resolve_in_root`; its
 :class:`~wasidispatch.errors.DetectionError` (a path escaping the rootfs, a symlink loop, a
 missing component) is translated into ``SpecError`` and chained, because for a bundle it means
 the bundle is unusable as written.
@@ -31,13 +32,13 @@ Example::
 from __future__ import annotations
 
 import os
-import posixpath
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from wasidispatch.errors import DetectionError, SpecError
-from wasidispatch.oci.runtime import DEFAULT_PATH, Spec
+from wasidispatch.errors import SpecError
+from wasidispatch.oci import _resolve
+from wasidispatch.oci._resolve import DEFAULT_PATH
+from wasidispatch.oci.runtime import Spec
 
 __all__ = ["Bundle"]
 
@@ -82,11 +83,17 @@ class Bundle:
         """``config.json`` of this bundle."""
         return self.path / "config.json"
 
+    def _process_view(self) -> tuple[str, str | None]:
+        """``process.cwd`` and the ``PATH`` of ``process.env`` (``None`` when unset)."""
+        process = self.spec.process
+        if process is None:
+            return "/", None
+        return process.cwd, process.env_dict().get("PATH")
+
     def search_path(self) -> list[str]:
         """The spec's ``PATH`` entries (runc's default PATH when the env has none)."""
-        process = self.spec.process
-        env = process.env_dict() if process is not None else {}
-        return env.get("PATH", DEFAULT_PATH).split(":")
+        path = self._process_view()[1]
+        return (DEFAULT_PATH if path is None else path).split(":")
 
     def resolve_path(self, path: str) -> Path:
         """``path`` (absolute, or relative to ``process.cwd``) as a host path inside the rootfs.
@@ -94,11 +101,7 @@ class Bundle:
         Raises :class:`SpecError` (chaining the :class:`DetectionError`) when it escapes the
         rootfs, loops, or does not exist.
         """
-        cwd = self.spec.process.cwd if self.spec.process is not None else "/"
-        try:
-            return _resolve(self.rootfs, posixpath.join(cwd, path))
-        except DetectionError as exc:
-            raise SpecError(f"{self.config_path}: {exc}") from exc
+        return _resolve.resolve_path(self.config_path, self.rootfs, self._process_view()[0], path)
 
     def resolve_entrypoint(self, name: str | None = None) -> Path:
         """The host path of the file ``process.args[0]`` (or ``name``) names inside the rootfs.
@@ -107,40 +110,12 @@ class Bundle:
         regular file. A bare name is searched in the spec's ``PATH`` (runc's default when
         unset); only executable regular files match, as ``execvp`` would. Symlinks are
         followed inside the rootfs; one that would leave it raises :class:`SpecError`.
+        (:mod:`wasidispatch.oci._resolve`, shared with ``wasidispatch-runc``'s ``LeanBundle``.)
         """
-        process = self.spec.process
         if name is None:
-            if process is None or not process.args:
-                raise SpecError(f"{self.config_path}: process.args: nothing to run")
-            name = process.args[0]
-        if not name:
-            raise SpecError(f"{self.config_path}: process.args.0: empty")
-        if "/" in name:
-            found = self.resolve_path(name)
-            if not stat.S_ISREG(os.stat(found).st_mode):
-                raise SpecError(f"{self.config_path}: process.args.0: {name} is not a file")
-            return found
-        for entry in self.search_path():
-            directory = entry or "."  # an empty PATH entry means the working directory
-            try:
-                host_dir = self.resolve_path(directory)
-            except SpecError:
-                continue  # a PATH directory the rootfs lacks is skipped, as execvp does
-            if not os.path.lexists(host_dir / name):
-                continue
-            # The name exists here: this is what the container would run, so an escaping or
-            # looping symlink is an error, not a reason to try the next PATH entry.
-            candidate = self.resolve_path(posixpath.join(directory, name))
-            st = os.stat(candidate)
-            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
-                return candidate
-        raise SpecError(
-            f"{self.config_path}: process.args.0: {name!r} is not an executable file in "
-            f"PATH={':'.join(self.search_path())} inside {self.rootfs}"
-        )
-
-
-def _resolve(root: Path, path: str) -> Path:
-    from wasidispatch.detect import resolve_in_root
-
-    return resolve_in_root(root, path)
+            process = self.spec.process
+            name = _resolve.entrypoint_name(
+                self.config_path, process.args if process is not None else None
+            )
+        cwd, path = self._process_view()
+        return _resolve.resolve_entrypoint(self.config_path, self.rootfs, name, cwd=cwd, path=path)

@@ -2,38 +2,38 @@
 
 Every ``wasidispatch-runc create`` is a fresh interpreter, and importing the pydantic OCI
 models costs more than everything else ``create`` does (about 120 ms of a 250 ms ``create``
-here). So ``create`` reads config.json into `LeanBundle`: the same attribute view as
-`wasidispatch.oci.bundle.Bundle` (``path``, ``rootfs``, ``spec.process.args``,
-``spec.linux.cgroups_path``..., ``resolve_entrypoint``), read lazily from the JSON, enough for
-`wasidispatch.executor.decide` and for `lean_workload`, which maps it to the same `Workload`
-as `wasidispatch.executor.WasmExecutor.workload` does (``tests/test_runc_cli.py`` checks both
-agree on bundles exercising every mapped field). The models still validate the bundle when
-a full check is wanted (``wasidispatch inspect``); runc does not validate more than this
-either.
+here). So ``create`` reads config.json into `LeanBundle`, a
+`wasidispatch.executor.BundleLike` like `wasidispatch.oci.bundle.Bundle`: ``path``,
+``rootfs``, ``annotations``, ``spec`` and ``resolve_entrypoint`` (the same resolution code,
+:mod:`wasidispatch.oci._resolve`). The executor's `decide`, `WasmExecutor.workload` and
+`WasmExecutor.prepare` take it as they take a `Bundle` (``tests/test_runc_cli.py`` checks both
+give the same decision and `Workload`).
+
+The fields the executor reads are typed properties that check their JSON type when read
+(`SpecError` otherwise; `LeanBundle.load` reads them all once, so a bad config.json fails
+there); any other field reads through `Node`'s untyped attribute view, as runc, which does not
+validate more either. The models still validate the whole bundle when a full check is wanted
+(``wasidispatch inspect``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import posixpath
-import stat
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from wasidispatch.detect import resolve_in_root
-from wasidispatch.engines._api import Limits, Preopen, Workload
-from wasidispatch.errors import CantHandle, DetectionError, SpecError
+from wasidispatch.errors import SpecError
+from wasidispatch.oci import _resolve
 
-__all__ = ["DEFAULT_PATH", "LeanBundle", "Node", "lean_workload"]
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+__all__ = ["LeanBundle", "LeanSpec", "Node"]
 
 # Fields whose JSON objects are maps of arbitrary keys, kept as dicts.
 _MAPS = frozenset({"annotations", "sysctl", "unified", "net_devices", "rdma"})
 _SPECIAL = {"block_io": "blockIO"}
+
+_N = TypeVar("_N", bound="Node")
 
 
 def _camel(name: str) -> str:
@@ -64,10 +64,11 @@ class Node:
         True
     """
 
-    __slots__ = ("_doc",)
+    __slots__ = ("_doc", "_where")
 
-    def __init__(self, doc: Mapping[str, Any]) -> None:
+    def __init__(self, doc: Mapping[str, Any], where: str = "") -> None:
         self._doc = doc
+        self._where = where
 
     def __getattr__(self, name: str) -> Any:
         value = self._doc.get(_camel(name))
@@ -75,33 +76,210 @@ class Node:
             return dict(value) if isinstance(value, dict) else None
         return _wrap(value)
 
+    # -- typed reads, for the subclasses' properties
+
+    def _field(self, key: str) -> str:
+        return f"{self._where}.{key}" if self._where else key
+
+    def _bad(self, key: str, want: str) -> SpecError:
+        return SpecError(f"{self._field(key)}: not {want}")
+
+    def _str(self, key: str) -> str | None:
+        value = self._doc.get(key)
+        if value is None or isinstance(value, str):
+            return value
+        raise self._bad(key, "a string")
+
+    def _bool(self, key: str) -> bool | None:
+        value = self._doc.get(key)
+        if value is None or isinstance(value, bool):
+            return value
+        raise self._bad(key, "a boolean")
+
+    def _int(self, key: str) -> int | None:
+        value = self._doc.get(key)
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise self._bad(key, "an integer")
+
+    def _strs(self, key: str) -> list[str] | None:
+        value = self._doc.get(key)
+        if value is None:
+            return None
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise self._bad(key, "a list of strings")
+
+    def _child(self, key: str, kind: type[_N]) -> _N | None:
+        value = self._doc.get(key)
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            return kind(value, self._field(key))
+        raise self._bad(key, "an object")
+
+
+class LeanProcess(Node):
+    """``process``: typed ``args``, ``cwd``, ``env_dict()``."""
+
+    __slots__ = ()
+
+    @property
+    def args(self) -> list[str] | None:
+        """``process.args``."""
+        return self._strs("args")
+
+    @property
+    def cwd(self) -> str:
+        """``process.cwd`` (``/`` when unset)."""
+        return self._str("cwd") or "/"
+
     def env_dict(self) -> dict[str, str]:
-        """``process.env`` as a mapping (the last of a repeated name wins, as ``getenv``)."""
+        """``process.env`` as a mapping, as the models' ``Process.env_dict`` (later entries
+        win; an entry without ``=`` maps to ``""``).
+
+        >>> LeanProcess({"env": ["A=1", "B", "A=2"]}).env_dict()
+        {'A': '2', 'B': ''}
+        """
         out: dict[str, str] = {}
-        for entry in self._doc.get("env") or ():
-            key, sep, value = str(entry).partition("=")
-            if not sep or not key:
-                raise SpecError(f"process.env entry {entry!r} is not KEY=value")
+        for entry in self._strs("env") or ():
+            key, _, value = entry.partition("=")
             out[key] = value
         return out
 
 
+class LeanRoot(Node):
+    """``root``: typed ``readonly``."""
+
+    __slots__ = ()
+
+    @property
+    def readonly(self) -> bool | None:
+        """``root.readonly``."""
+        return self._bool("readonly")
+
+
+class LeanMount(Node):
+    """One of ``mounts``: typed ``destination``, ``source``, ``type``, ``options``."""
+
+    __slots__ = ()
+
+    @property
+    def destination(self) -> str:
+        """``destination`` (required)."""
+        value = self._str("destination")
+        if value is None:
+            raise self._bad("destination", "set")
+        return value
+
+    @property
+    def source(self) -> str | None:
+        """``source``."""
+        return self._str("source")
+
+    @property
+    def type(self) -> str | None:
+        """``type``."""
+        return self._str("type")
+
+    @property
+    def options(self) -> list[str] | None:
+        """``options``."""
+        return self._strs("options")
+
+
+class LeanMemory(Node):
+    """``linux.resources.memory``: typed ``limit``."""
+
+    __slots__ = ()
+
+    @property
+    def limit(self) -> int | None:
+        """``limit`` in bytes."""
+        return self._int("limit")
+
+
+class LeanResources(Node):
+    """``linux.resources``: typed ``memory``."""
+
+    __slots__ = ()
+
+    @property
+    def memory(self) -> LeanMemory | None:
+        """``memory``."""
+        return self._child("memory", LeanMemory)
+
+
+class LeanLinux(Node):
+    """``linux``: typed ``resources``."""
+
+    __slots__ = ()
+
+    @property
+    def resources(self) -> LeanResources | None:
+        """``resources``."""
+        return self._child("resources", LeanResources)
+
+
+class LeanSpec(Node):
+    """config.json: typed ``process``, ``root``, ``mounts``, ``linux`` (what the executor reads).
+
+    Example::
+
+        >>> spec = LeanSpec({"process": {"args": ["/a.wasm"]}, "mounts": [{"destination": "/d"}]})
+        >>> spec.process.args, spec.process.cwd, spec.mounts[0].destination
+        (['/a.wasm'], '/', '/d')
+        >>> LeanSpec({"process": {"args": "/a.wasm"}}).process.args
+        Traceback (most recent call last):
+        ...
+        wasidispatch.errors.SpecError: process.args: not a list of strings
+    """
+
+    __slots__ = ()
+
+    @property
+    def process(self) -> LeanProcess | None:
+        """``process``."""
+        return self._child("process", LeanProcess)
+
+    @property
+    def root(self) -> LeanRoot | None:
+        """``root``."""
+        return self._child("root", LeanRoot)
+
+    @property
+    def linux(self) -> LeanLinux | None:
+        """``linux``."""
+        return self._child("linux", LeanLinux)
+
+    @property
+    def mounts(self) -> list[LeanMount] | None:
+        """``mounts``."""
+        value = self._doc.get("mounts")
+        if value is None:
+            return None
+        if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+            return [LeanMount(m, f"mounts.{i}") for i, m in enumerate(value)]
+        raise self._bad("mounts", "a list of objects")
+
+
 class LeanBundle:
-    """A runtime bundle read with the stdlib: ``path``, ``spec`` (a `Node`), ``rootfs``,
-    ``annotations``; resolution as `wasidispatch.oci.bundle.Bundle` does it."""
+    """A runtime bundle read with the stdlib: ``path``, ``spec`` (a `LeanSpec`), ``rootfs``,
+    ``annotations``; ``resolve_entrypoint`` as `wasidispatch.oci.bundle.Bundle` has it."""
 
     __slots__ = ("annotations", "path", "rootfs", "spec")
 
     def __init__(self, path: Path, doc: Mapping[str, Any], rootfs: Path) -> None:
         self.path = path
-        self.spec = Node(doc)
+        self.spec = LeanSpec(doc)
         self.rootfs = rootfs
         notes = doc.get("annotations")
         self.annotations: dict[str, str] = dict(notes) if isinstance(notes, dict) else {}
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LeanBundle:
-        """Read ``path/config.json``; `SpecError` when it is unreadable or has no rootfs."""
+        """Read ``path/config.json``; `SpecError` when it is unreadable, has no rootfs, or a
+        field the executor reads has the wrong JSON type."""
         bundle = Path(path).absolute()
         config = bundle / "config.json"
         try:
@@ -118,10 +296,32 @@ class LeanBundle:
             rootfs = bundle / rootfs
         if not rootfs.is_dir():
             raise SpecError(f"{config}: root.path: {rootfs} is not a directory")
-        process = doc.get("process")
-        if process is not None and not isinstance(process, dict):
-            raise SpecError(f"{config}: process: not an object")
-        return cls(bundle, doc, rootfs)
+        notes = doc.get("annotations")
+        if notes is not None and not (
+            isinstance(notes, dict) and all(isinstance(v, str) for v in notes.values())
+        ):
+            raise SpecError(f"{config}: annotations: not a map of strings")
+        loaded = cls(bundle, doc, rootfs)
+        try:
+            loaded._check()
+        except SpecError as exc:
+            raise SpecError(f"{config}: {exc}") from None
+        return loaded
+
+    def _check(self) -> None:
+        """Read every typed field once, so a wrong JSON type fails `load`."""
+        spec = self.spec
+        process = spec.process
+        if process is not None:
+            _ = process.args, process.cwd, process.env_dict()
+        if spec.root is not None:
+            _ = spec.root.readonly
+        for mount in spec.mounts or ():
+            _ = mount.destination, mount.source, mount.type, mount.options
+        linux = spec.linux
+        resources = linux.resources if linux is not None else None
+        if resources is not None and resources.memory is not None:
+            _ = resources.memory.limit
 
     def __repr__(self) -> str:
         return f"LeanBundle({str(self.path)!r})"
@@ -131,99 +331,14 @@ class LeanBundle:
         """``config.json`` of this bundle."""
         return self.path / "config.json"
 
-    def search_path(self) -> list[str]:
-        """The spec's ``PATH`` entries (runc's default PATH when the env has none)."""
-        process = self.spec.process
-        env: dict[str, str] = process.env_dict() if process is not None else {}
-        return env.get("PATH", DEFAULT_PATH).split(":")
-
-    def resolve_path(self, path: str) -> Path:
-        """``path`` (absolute, or relative to ``process.cwd``) as a host path in the rootfs."""
-        process = self.spec.process
-        cwd = (process.cwd if process is not None else None) or "/"
-        try:
-            return resolve_in_root(self.rootfs, posixpath.join(cwd, path))
-        except DetectionError as exc:
-            raise SpecError(f"{self.config_path}: {exc}") from exc
-
     def resolve_entrypoint(self, name: str | None = None) -> Path:
-        """The host path of ``process.args[0]`` (or ``name``), as ``Bundle`` resolves it."""
+        """The host path of ``process.args[0]`` (or ``name``), as ``Bundle`` resolves it
+        (:mod:`wasidispatch.oci._resolve`)."""
         process = self.spec.process
         if name is None:
-            if process is None or not process.args:
-                raise SpecError(f"{self.config_path}: process.args: nothing to run")
-            name = str(process.args[0])
-        if not name:
-            raise SpecError(f"{self.config_path}: process.args.0: empty")
-        if "/" in name:
-            found = self.resolve_path(name)
-            if not stat.S_ISREG(os.stat(found).st_mode):
-                raise SpecError(f"{self.config_path}: process.args.0: {name} is not a file")
-            return found
-        for entry in self.search_path():
-            directory = entry or "."
-            try:
-                host_dir = self.resolve_path(directory)
-            except SpecError:
-                continue
-            if not os.path.lexists(host_dir / name):
-                continue
-            candidate = self.resolve_path(posixpath.join(directory, name))
-            st = os.stat(candidate)
-            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
-                return candidate
-        raise SpecError(
-            f"{self.config_path}: process.args.0: {name!r} is not an executable file in "
-            f"PATH={':'.join(self.search_path())} inside {self.rootfs}"
-        )
-
-
-def lean_workload(bundle: LeanBundle, entrypoint: Path | None = None) -> Workload:
-    """The `Workload` `WasmExecutor.workload` makes for the same bundle (stdio inherited)."""
-    from wasidispatch.executor import (
-        ANNOTATION_TIMEOUT,
-        _entry_path,
-        _is_bind,
-        parse_duration,
-    )
-
-    spec = bundle.spec
-    process = spec.process
-    if process is None or not process.args:
-        raise CantHandle(f"{bundle.path}: config.json has no process.args to run")
-    args = tuple(str(a) for a in process.args)
-    path, func = _entry_path(args[0])
-    wasm = entrypoint or bundle.resolve_entrypoint(path)
-
-    root = spec.root
-    preopens = [Preopen(bundle.rootfs, "/", readonly=bool(root is not None and root.readonly))]
-    for mount in spec.mounts or ():
-        options = tuple(mount.options or ())
-        if not mount.source or not _is_bind(mount.type, options):
-            continue
-        source = Path(mount.source)
-        if not source.is_absolute():
-            source = bundle.path / source
-        if not source.is_dir():
-            continue
-        preopens.append(Preopen(source, mount.destination, readonly="ro" in options))
-
-    limits = Limits()
-    linux = spec.linux
-    resources = linux.resources if linux is not None else None
-    memory = resources.memory if resources is not None else None
-    limit = memory.limit if memory is not None else None
-    if isinstance(limit, int) and limit > 0:
-        limits = replace(limits, memory_bytes=limit)
-    timeout = bundle.annotations.get(ANNOTATION_TIMEOUT)
-    if timeout is not None:
-        limits = replace(limits, timeout=parse_duration(timeout))
-    return Workload(
-        wasm=wasm,
-        argv=args,
-        env=process.env_dict(),
-        preopens=tuple(preopens),
-        cwd=process.cwd or "/",
-        entry=func,
-        limits=limits,
-    )
+            args = process.args if process is not None else None
+            name = _resolve.entrypoint_name(self.config_path, args)
+        cwd, path = "/", None
+        if process is not None:
+            cwd, path = process.cwd, process.env_dict().get("PATH")
+        return _resolve.resolve_entrypoint(self.config_path, self.rootfs, name, cwd=cwd, path=path)

@@ -50,8 +50,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, NoReturn
 
-    from wasidispatch.executor import Decision, Prepared, WasmExecutor
-    from wasidispatch.oci.bundle import Bundle
+    from wasidispatch.executor import Decision, WasmExecutor
     from wasidispatch.runc.spec import LeanBundle
 
 __all__ = ["COMMANDS", "Plan", "create", "plan", "run"]
@@ -69,11 +68,6 @@ class Plan:
         self.directory = directory
         self.bundle = bundle
         self.decision = decision
-
-
-def _as_bundle(lean: LeanBundle) -> Bundle:
-    """A `LeanBundle` where the executor expects a `Bundle`: it reads the same attributes."""
-    return lean  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------ the decision
@@ -136,7 +130,7 @@ def plan(bundle_dir: str, log: RuntimeLog) -> Plan | None:
 
     try:
         bundle = LeanBundle.load(bundle_dir)
-        decision = decide(_as_bundle(bundle))  # the same attribute view, without pydantic
+        decision = decide(bundle)  # a BundleLike, as a Bundle is, without pydantic
     except WasiDispatchError as exc:
         log.debug(f"{bundle_dir}: not decided as Wasm ({exc}), handing to runc")
         return None
@@ -366,19 +360,6 @@ def _executor() -> WasmExecutor:
     return WasmExecutor(engine, cache=cache)
 
 
-def _prepare(executor: WasmExecutor, planned: Plan) -> Prepared:
-    """`WasmExecutor.prepare` for a `LeanBundle`: map, pick the engine, precompile."""
-    from wasidispatch.executor import Prepared
-    from wasidispatch.runc.spec import lean_workload
-
-    bundle = _as_bundle(planned.bundle)
-    workload = lean_workload(planned.bundle, planned.decision.entrypoint)
-    engine, workload, notes = executor.select_engine(workload, bundle)
-    if executor.cache is not None:
-        workload = executor.cache.with_precompiled(engine, workload)
-    return Prepared(workload, engine, planned.decision, notes)
-
-
 def _container_process(
     planned: Plan,
     inv: Invocation,
@@ -402,7 +383,7 @@ def _container_process(
             signal.signal(sig, signal.SIG_DFL)
         _close_fds(keep | {ready})
         executor = _executor()
-        prepared = _prepare(executor, planned)
+        prepared = executor.prepare(planned.bundle)  # map, pick the engine, precompile
         cgroups.join(made)
         _apply_process(planned.bundle.spec)
         os.write(ready, b"ok")

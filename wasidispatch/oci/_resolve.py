@@ -1,0 +1,103 @@
+"""Where a bundle's entrypoint is: ``process.args[0]`` resolved inside the rootfs, stdlib only.
+
+One implementation for both views of a bundle: :class:`wasidispatch.oci.bundle.Bundle` (the
+pydantic models) and :class:`wasidispatch.runc.spec.LeanBundle` (config.json read with the
+stdlib for ``wasidispatch-runc create``). Their methods pass the fields of ``process`` they
+read (``args``, ``cwd``, the ``PATH`` of ``env``) to the functions here.
+
+Rules, as the container will see it: a name with a ``/`` is a path (relative to
+``process.cwd``) that must name a regular file; a bare name is searched in the spec's own
+``PATH`` (runc's default when it has none; never the host's), where only executable regular
+files match, as ``execvp`` would; symlinks are followed inside the rootfs
+(:func:`wasidispatch.detect.resolve_in_root`). Every failure is a
+:class:`~wasidispatch.errors.SpecError` naming ``config.json`` (a
+:class:`~wasidispatch.errors.DetectionError` from the walk is chained).
+
+Example::
+
+    >>> import os, pathlib, tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     rootfs = pathlib.Path(tmp)
+    ...     (rootfs / "bin").mkdir()
+    ...     _ = (rootfs / "bin" / "app").write_bytes(b"\\0asm\\1\\0\\0\\0")
+    ...     os.chmod(rootfs / "bin" / "app", 0o755)
+    ...     found = resolve_entrypoint(
+    ...         rootfs / "config.json", rootfs, "app", cwd="/", path="/sbin:/bin"
+    ...     )
+    ...     str(found.relative_to(rootfs.resolve()))
+    'bin/app'
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+
+from wasidispatch.detect import resolve_in_root
+from wasidispatch.errors import DetectionError, SpecError
+
+# Not `from typing import ...`: mypy reads a module-level TYPE_CHECKING = False as usual.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+
+__all__ = ["DEFAULT_PATH", "entrypoint_name", "resolve_entrypoint", "resolve_path"]
+
+#: runc's ``PATH`` for a process whose env sets none.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def entrypoint_name(config: Path, args: Sequence[str] | None) -> str:
+    """``args[0]``; `SpecError` when there is nothing to run."""
+    if not args:
+        raise SpecError(f"{config}: process.args: nothing to run")
+    return args[0]
+
+
+def resolve_path(config: Path, rootfs: Path, cwd: str, path: str) -> Path:
+    """``path`` (absolute, or relative to ``cwd``) as a host path inside ``rootfs``.
+
+    Raises `SpecError` (chaining the `DetectionError`) when it escapes the rootfs, loops, or
+    does not exist.
+    """
+    try:
+        return resolve_in_root(rootfs, posixpath.join(cwd or "/", path))
+    except DetectionError as exc:
+        raise SpecError(f"{config}: {exc}") from exc
+
+
+def resolve_entrypoint(
+    config: Path, rootfs: Path, name: str, *, cwd: str, path: str | None
+) -> Path:
+    """The host path of the file ``name`` names inside ``rootfs`` (see the module docstring).
+
+    ``path`` is the ``PATH`` of ``process.env`` (``None``: runc's `DEFAULT_PATH`).
+    """
+    if not name:
+        raise SpecError(f"{config}: process.args.0: empty")
+    if "/" in name:
+        found = resolve_path(config, rootfs, cwd, name)
+        if not stat.S_ISREG(os.stat(found).st_mode):
+            raise SpecError(f"{config}: process.args.0: {name} is not a file")
+        return found
+    search = DEFAULT_PATH if path is None else path
+    for entry in search.split(":"):
+        directory = entry or "."  # an empty PATH entry means the working directory
+        try:
+            host_dir = resolve_path(config, rootfs, cwd, directory)
+        except SpecError:
+            continue  # a PATH directory the rootfs lacks is skipped, as execvp does
+        if not os.path.lexists(host_dir / name):
+            continue
+        # The name exists here: this is what the container would run, so an escaping or
+        # looping symlink is an error, not a reason to try the next PATH entry.
+        candidate = resolve_path(config, rootfs, cwd, posixpath.join(directory, name))
+        st = os.stat(candidate)
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+            return candidate
+    raise SpecError(
+        f"{config}: process.args.0: {name!r} is not an executable file in "
+        f"PATH={search} inside {rootfs}"
+    )
