@@ -73,6 +73,7 @@ _EXPORTS: dict[str, str] = {
     "CachedArtifact": "wasidispatch.cache",
     "PrecompileCache": "wasidispatch.cache",
     # executors
+    "BundleLike": "wasidispatch.executor",
     "Decision": "wasidispatch.executor",
     "DispatchExecutor": "wasidispatch.executor",
     "Evidence": "wasidispatch.executor",
@@ -147,6 +148,7 @@ if TYPE_CHECKING:
         SpecError,
         WasiDispatchError,
     )
+    from wasidispatch.executor import BundleLike as BundleLike
     from wasidispatch.executor import Decision as Decision
     from wasidispatch.executor import DispatchExecutor as DispatchExecutor
     from wasidispatch.executor import Evidence as Evidence
