@@ -97,14 +97,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
-import logging
 import os
 import re
 import stat
-import tempfile
 import threading
 import time
 import weakref
@@ -115,6 +112,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from wasidispatch.errors import CacheError, SpecError
 
 if TYPE_CHECKING:
+    import logging
+
     from wasidispatch.engines._api import Capabilities, Workload
 
 __all__ = [
@@ -128,7 +127,14 @@ __all__ = [
     "default_cache_dir",
 ]
 
-log = logging.getLogger("wasidispatch.cache")
+
+def _log() -> logging.Logger:
+    """The ``wasidispatch.cache`` logger; `logging` is imported only when something is logged
+    (a cache hit, as ``wasidispatch-runc create`` has it, logs nothing)."""
+    import logging
+
+    return logging.getLogger("wasidispatch.cache")
+
 
 #: Default bound on the sum of artifact sizes (2 GiB).
 DEFAULT_MAX_BYTES = 2 << 30
@@ -349,7 +355,7 @@ def _read_counters(path: Path) -> dict[str, int]:
     except FileNotFoundError:
         return totals
     except ValueError:
-        log.warning("ignoring unreadable cache counters %s", path)
+        _log().warning("ignoring unreadable cache counters %s", path)
         return totals
     if isinstance(raw, dict):
         for name in _COUNTER_NAMES:
@@ -373,6 +379,8 @@ class _FileLock:
         self.fd: int | None = None
 
     def acquire(self) -> bool:
+        import fcntl  # only a miss or eviction locks
+
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         op = fcntl.LOCK_EX if self.blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
         while True:
@@ -425,6 +433,8 @@ def _write_atomic(
     directory: Path, name: str, data: bytes, *, durable: bool = True, mtime_ns: int | None = None
 ) -> None:
     """Write ``directory/name`` so that it appears whole or not at all."""
+    import tempfile  # not on a hit (tempfile pulls in shutil, random, bz2, lzma)
+
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)  # mode 0600
     try:
         try:
@@ -597,7 +607,7 @@ class PrecompileCache:
             self._evict(keep=key)
             self._counters.flush(self._base)
         except (OSError, CacheError) as exc:
-            log.warning("precompile cache housekeeping failed in %s: %s", self._base, exc)
+            _log().warning("precompile cache housekeeping failed in %s: %s", self._base, exc)
         return result
 
     def with_precompiled(
@@ -639,7 +649,7 @@ class PrecompileCache:
             try:
                 self._counters.flush(self._base)
             except CacheError as exc:  # counts are kept for the next try; the hit stands
-                log.warning("%s", exc)
+                _log().warning("%s", exc)
 
     # -- reading and writing entries ----------------------------------------------------------
 
@@ -719,7 +729,7 @@ class PrecompileCache:
         return dataclasses.replace(art, hit=False)
 
     def _discard(self, key: str, engine: str, reason: str) -> None:
-        log.warning("discarding corrupt precompile cache entry %s (%s): %s", key, engine, reason)
+        _log().warning("discarding corrupt precompile cache entry %s (%s): %s", key, engine, reason)
         self._verified.pop(key, None)
         self._remove_entry(key)
         self._counters.add("corruptions")
@@ -807,7 +817,7 @@ class PrecompileCache:
                 self._verified.pop(e.key, None)
                 total -= e.size
                 self._counters.add("evictions")
-                log.info(
+                _log().info(
                     "evicted precompile cache entry %s (%s, %d bytes)", e.key, e.engine, e.size
                 )
             self._sweep(names, entries, all_locks=False)
