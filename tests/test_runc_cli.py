@@ -845,6 +845,17 @@ def test_wasm_terminal_goes_to_the_console_socket(
     assert runtime("delete", "w10").returncode == 0
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to write cgroup.procs")
+def test_cgroup_prewarm_is_a_no_op_migration() -> None:
+    from wasidispatch.runc.cgroups import Hierarchy, prewarm
+
+    before = Path("/proc/self/cgroup").read_text()
+    assert prewarm() is True
+    assert Path("/proc/self/cgroup").read_text() == before
+    assert prewarm([]) is False
+    assert prewarm([Hierarchy("/nonexistent-cgroup-mount", 1, frozenset({"cpu"}))]) is False
+
+
 def test_cgroup_hierarchies_from_mountinfo(tmp_path: Path) -> None:
     from wasidispatch.runc.cgroups import hierarchies
 

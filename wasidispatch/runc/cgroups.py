@@ -28,6 +28,7 @@ __all__ = [
     "expand_systemd",
     "hierarchies",
     "join",
+    "prewarm",
     "remove",
     "resolve",
 ]
@@ -253,6 +254,32 @@ def join(directories: Iterable[str], pid: int = 0) -> None:
             _write(os.path.join(directory, "cgroup.procs"), str(pid or os.getpid()))
         except OSError as exc:
             raise CgroupError(f"cannot join cgroup {directory}: {exc}") from exc
+
+
+def prewarm(found: list[Hierarchy] | None = None) -> bool:
+    """Start the kernel's wait for a cgroup migration now, in this process, so that a `join`
+    by another process a few milliseconds later does not wait.
+
+    Moving a process between cgroups takes a global lock whose first writer waits for an RCU
+    grace period (5-15 ms here); for about one more grace period after that, migrations are
+    fast. ``create`` calls this right after forking the container process, whose `join`
+    follows its ~15 ms of preparation: the wait overlaps that work instead of following it.
+    The migration is a no-op (this process's pid into its own cgroup, in the first hierarchy
+    that takes it); nothing changes and errors are ignored. True when a write was made.
+    """
+    pid = str(os.getpid())
+    try:
+        found = hierarchies() if found is None else found
+    except (OSError, ValueError):
+        return False
+    for h in sorted(found, key=lambda h: h.version):  # v1 first: no internal-process rule
+        try:
+            own = os.path.join(h.mountpoint, _own_cgroup(h).lstrip("/"), "cgroup.procs")
+            _write(own, pid)
+        except (OSError, ValueError):
+            continue
+        return True
+    return False
 
 
 def remove(directories: Iterable[str], *, timeout: float = 2.0) -> list[str]:

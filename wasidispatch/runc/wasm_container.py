@@ -296,6 +296,8 @@ def _spawn(
     os.close(ready_w)
     if slave is not None:
         os.close(slave)
+    if made:
+        cgroups.prewarm()  # the container process joins `made` once prepared
     try:
         answer = _read_all(ready_r)
     finally:
