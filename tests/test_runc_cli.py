@@ -730,6 +730,35 @@ def test_lean_bundle_decides_and_maps_like_the_models(tmp_path: Path, args0: str
     assert lean.annotations == dict(full.annotations)
 
 
+def test_linux_fast_check_resolves_as_decide_does(tmp_path: Path) -> None:
+    """The check that hands plainly Linux bundles to runc finds the entrypoint with the same
+    code as `decide`: a non-executable ELF earlier on PATH is skipped (execvp would skip it),
+    so the executable Wasm file later on PATH decides."""
+    from wasidispatch.executor import decide
+    from wasidispatch.runc.spec import LeanBundle
+    from wasidispatch.runc.wasm_container import _plainly_linux
+
+    elf = b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x02\x00\x3e\x00" + bytes(44)
+    rootfs = tmp_path / "rootfs"
+    for directory, data, mode in (("a", elf, 0o644), ("b", b"\0asm\1\0\0\0", 0o755)):
+        (rootfs / directory).mkdir(parents=True)
+        (rootfs / directory / "app").write_bytes(data)
+        (rootfs / directory / "app").chmod(mode)
+    config = {
+        "ociVersion": "1.0.2",
+        "root": {"path": "rootfs"},
+        "process": {"cwd": "/", "args": ["app"], "env": ["PATH=/a:/b"]},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert not _plainly_linux(str(tmp_path))
+    decision = decide(LeanBundle.load(tmp_path))
+    assert decision.kind == "wasm"
+    assert decision.entrypoint == (rootfs / "b" / "app").resolve()
+    (rootfs / "a" / "app").chmod(0o755)  # now execvp would run the ELF
+    assert _plainly_linux(str(tmp_path))
+    assert decide(LeanBundle.load(tmp_path)).kind == "linux"
+
+
 def test_lean_bundle_refuses_what_cannot_run(tmp_path: Path) -> None:
     from wasidispatch.errors import SpecError
     from wasidispatch.runc.spec import LeanBundle

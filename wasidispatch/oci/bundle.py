@@ -7,7 +7,7 @@ the rootfs, following symlinks as the container sees them, searching the spec's 
 (never the host's) when the name has no ``/``.
 
 Errors: everything here raises :class:`~wasidispatch.errors.SpecError` naming the bundle and
-the field. Path resolution is :mod:`wasidispatch.oci._resolve` over
+the field. Path resolution is :mod:`wasidispatch._resolve` over
 :func:`wasidispatch.detect.resolve_in_root`; its
 :class:`~wasidispatch.errors.DetectionError` (a path escaping the rootfs, a symlink loop, a
 missing component) is translated into ``SpecError`` and chained, because for a bundle it means
@@ -35,9 +35,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from wasidispatch import _resolve
+from wasidispatch._resolve import DEFAULT_PATH
 from wasidispatch.errors import SpecError
-from wasidispatch.oci import _resolve
-from wasidispatch.oci._resolve import DEFAULT_PATH
 from wasidispatch.oci.runtime import Spec
 
 __all__ = ["Bundle"]
@@ -110,7 +110,7 @@ class Bundle:
         regular file. A bare name is searched in the spec's ``PATH`` (runc's default when
         unset); only executable regular files match, as ``execvp`` would. Symlinks are
         followed inside the rootfs; one that would leave it raises :class:`SpecError`.
-        (:mod:`wasidispatch.oci._resolve`, shared with ``wasidispatch-runc``'s ``LeanBundle``.)
+        (:mod:`wasidispatch._resolve`, shared with ``wasidispatch-runc``'s ``LeanBundle``.)
         """
         if name is None:
             process = self.spec.process

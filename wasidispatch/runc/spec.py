@@ -5,7 +5,7 @@ models costs more than everything else ``create`` does (about 120 ms of a 250 ms
 here). So ``create`` reads config.json into `LeanBundle`, a
 `wasidispatch.executor.BundleLike` like `wasidispatch.oci.bundle.Bundle`: ``path``,
 ``rootfs``, ``annotations``, ``spec`` and ``resolve_entrypoint`` (the same resolution code,
-:mod:`wasidispatch.oci._resolve`). The executor's `decide`, `WasmExecutor.workload` and
+:mod:`wasidispatch._resolve`). The executor's `decide`, `WasmExecutor.workload` and
 `WasmExecutor.prepare` take it as they take a `Bundle` (``tests/test_runc_cli.py`` checks both
 give the same decision and `Workload`).
 
@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from wasidispatch import _resolve
 from wasidispatch.errors import SpecError
-from wasidispatch.oci import _resolve
 
 __all__ = ["LeanBundle", "LeanSpec", "Node"]
 
@@ -333,7 +333,7 @@ class LeanBundle:
 
     def resolve_entrypoint(self, name: str | None = None) -> Path:
         """The host path of ``process.args[0]`` (or ``name``), as ``Bundle`` resolves it
-        (:mod:`wasidispatch.oci._resolve`)."""
+        (:mod:`wasidispatch._resolve`)."""
         process = self.spec.process
         if name is None:
             args = process.args if process is not None else None

@@ -58,7 +58,6 @@ __all__ = ["COMMANDS", "Plan", "create", "plan", "run"]
 # The annotations that can make a bundle Wasm without looking at its bytes (see
 # wasidispatch.executor; spelled out here so the Linux fast path imports nothing heavy).
 _WASM_ANNOTATIONS = ("run.oci.handler", "module.wasm.image/variant")
-_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class Plan:
@@ -74,16 +73,23 @@ class Plan:
 
 
 def _plainly_linux(bundle_dir: str) -> bool:
-    """True when the rule can only say Linux: no Wasm annotation, and ``process.args[0]``
-    (absolute, or found on the spec's ``PATH``) is an ELF binary or a ``#!`` script.
+    """True when the rule can only say Linux: no Wasm annotation, and ``process.args[0]``,
+    resolved as `decide` resolves it (`wasidispatch._resolve`), is an ELF binary or a ``#!``
+    script.
 
-    Stdlib only, so a Linux ``create`` reaches runc without loading the OCI models.
+    Without `LeanBundle` or the executor (their typing and dataclasses), so a Linux ``create``
+    reaches runc with the fewest imports; anything unexpected answers False and leaves the
+    verdict to `decide`.
     """
-    from wasidispatch.detect import resolve_in_root, sniff_path
-    from wasidispatch.errors import DetectionError
+    from pathlib import Path
 
+    from wasidispatch import _resolve
+    from wasidispatch.detect import sniff_path
+    from wasidispatch.errors import WasiDispatchError
+
+    config = os.path.join(bundle_dir, "config.json")
     try:
-        with open(os.path.join(bundle_dir, "config.json"), "rb") as fh:
+        with open(config, "rb") as fh:
             doc = json.loads(fh.read())
         notes = doc.get("annotations") or {}
         if any(key in notes for key in _WASM_ANNOTATIONS):
@@ -94,28 +100,17 @@ def _plainly_linux(bundle_dir: str) -> bool:
         args0: str = process["args"][0]
         if "#" in args0:
             return False
-        if args0.startswith("/"):
-            candidates = [args0]
-        elif "/" in args0:
-            return False
-        else:
-            path = _DEFAULT_PATH
-            for entry in process.get("env") or ():
-                if entry.startswith("PATH="):
-                    path = entry[5:]
-            candidates = [os.path.join(d, args0) for d in path.split(":") if d.startswith("/")]
-        for candidate in candidates:
-            try:
-                host = resolve_in_root(rootfs, candidate)
-            except DetectionError:
-                continue
-            if os.path.isfile(host):
-                return sniff_path(host).is_linux
+        path: str | None = None
+        for entry in process.get("env") or ():
+            if entry.startswith("PATH="):
+                path = entry[5:]  # the last one wins, as in env_dict
+        cwd: str = process.get("cwd") or "/"
+        found = _resolve.resolve_entrypoint(Path(config), Path(rootfs), args0, cwd=cwd, path=path)
+        return sniff_path(found).is_linux
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return False
-    except DetectionError:
+    except WasiDispatchError:
         return False
-    return False
 
 
 def plan(bundle_dir: str, log: RuntimeLog) -> Plan | None:

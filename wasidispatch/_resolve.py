@@ -2,8 +2,10 @@
 
 One implementation for both views of a bundle: :class:`wasidispatch.oci.bundle.Bundle` (the
 pydantic models) and :class:`wasidispatch.runc.spec.LeanBundle` (config.json read with the
-stdlib for ``wasidispatch-runc create``). Their methods pass the fields of ``process`` they
-read (``args``, ``cwd``, the ``PATH`` of ``env``) to the functions here.
+stdlib for ``wasidispatch-runc create``), and for ``wasidispatch-runc``'s check that hands a
+plainly Linux bundle to runc. They pass the fields of ``process`` they read (``args``,
+``cwd``, the ``PATH`` of ``env``) to the functions here. Outside ``wasidispatch.oci`` so that
+the runtime's Linux path does not import that package (its ``__init__`` imports ``typing``).
 
 Rules, as the container will see it: a name with a ``/`` is a path (relative to
 ``process.cwd``) that must name a regular file; a bare name is searched in the spec's own
