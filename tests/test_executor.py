@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -395,3 +396,33 @@ def test_interrupted_caller_leaves_no_container(tmp_path: Path) -> None:
     assert listed.stdout.strip() == ""
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "sleep 60" not in ps
+
+
+@pytest.mark.parametrize("where", ["/bin", "/work"])
+def test_bare_wasm_name_needs_no_exec_bit(tmp_path: Path, where: str) -> None:
+    # runwasi finds Wasm entrypoints in PATH, then cwd, whatever their mode bits
+    wasm_bundle(
+        tmp_path / "b",
+        b"",
+        ("/unused",),
+        extra_files={f"{where}/app.wasm": build_c("hello").read_bytes()},
+    )
+    (tmp_path / "b" / "rootfs" / "unused").unlink()
+    config = tmp_path / "b" / "config.json"
+    doc = json.loads(config.read_text())
+    doc["process"]["args"] = ["app.wasm"]
+    doc["process"]["cwd"] = "/work"
+    doc["process"]["env"] = ["PATH=/bin"]
+    config.write_text(json.dumps(doc))
+    loaded = Bundle.load(tmp_path / "b")
+    decision = decide(loaded)
+    assert decision.kind == "wasm"
+    assert decision.entrypoint == (tmp_path / "b" / "rootfs" / where.lstrip("/") / "app.wasm")
+    assert not os.access(decision.entrypoint, os.X_OK)
+
+
+def test_bare_non_wasm_name_without_exec_bit_is_refused(tmp_path: Path) -> None:
+    bundle = busybox_bundle(tmp_path / "b", ["busybox"])
+    (tmp_path / "b" / "rootfs" / "bin" / "busybox").chmod(0o644)
+    with pytest.raises(CantHandle, match="not an executable file"):
+        decide(Bundle.load(bundle))

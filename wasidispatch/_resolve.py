@@ -10,7 +10,9 @@ the runtime's Linux path does not import that package (its ``__init__`` imports 
 Rules, as the container will see it: a name with a ``/`` is a path (relative to
 ``process.cwd``) that must name a regular file; a bare name is searched in the spec's own
 ``PATH`` (runc's default when it has none; never the host's), where only executable regular
-files match, as ``execvp`` would; symlinks are followed inside the rootfs
+files match, as ``execvp`` would — except that a Wasm file needs no execute bit: when no
+executable matches, a regular file of that name whose bytes are Wasm is taken from ``PATH``,
+then from ``cwd`` (runwasi's order); symlinks are followed inside the rootfs
 (:func:`wasidispatch.detect.resolve_in_root`). Every failure is a
 :class:`~wasidispatch.errors.SpecError` naming ``config.json`` (a
 :class:`~wasidispatch.errors.DetectionError` from the walk is chained).
@@ -36,7 +38,7 @@ import os
 import posixpath
 import stat
 
-from wasidispatch.detect import resolve_in_root
+from wasidispatch.detect import resolve_in_root, sniff_path
 from wasidispatch.errors import DetectionError, SpecError
 
 # Not `from typing import ...`: mypy reads a module-level TYPE_CHECKING = False as usual.
@@ -99,7 +101,27 @@ def resolve_entrypoint(
         st = os.stat(candidate)
         if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
             return candidate
+    wasm = _wasm_without_exec_bit(config, rootfs, cwd, name, search)
+    if wasm is not None:
+        return wasm
     raise SpecError(
         f"{config}: process.args.0: {name!r} is not an executable file in "
         f"PATH={search} inside {rootfs}"
     )
+
+
+def _wasm_without_exec_bit(
+    config: Path, rootfs: Path, cwd: str, name: str, search: str
+) -> Path | None:
+    """A Wasm file needs no execute bit: when no executable matched, take the first regular
+    file named ``name`` in ``PATH``, then in ``cwd``, whose bytes are Wasm (runwasi resolves
+    Wasm entrypoints in ``PATH`` then ``cwd`` without looking at the execute bit). Anything
+    else stays unresolved: Linux would not run it either."""
+    for directory in [*(entry or "." for entry in search.split(":")), cwd or "/"]:
+        try:
+            candidate = resolve_path(config, rootfs, cwd, posixpath.join(directory, name))
+            if stat.S_ISREG(os.stat(candidate).st_mode) and sniff_path(candidate).is_wasm:
+                return candidate
+        except (SpecError, DetectionError, OSError):
+            continue
+    return None
