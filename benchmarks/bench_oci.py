@@ -12,9 +12,9 @@ document, both contenders in the same run, each starting from the raw JSON bytes
 
 Documents (``tests/data/oci``): runtime-spec's full ``config.json`` example
 (``valid-spec-example.json``, 6 KB: process, mounts, hooks, Linux resources, seccomp), a
-realistic runc ``config.json`` built here (runc's default spec for a Wasm entrypoint), the
-image-spec manifest example and the multi-platform index example. Target: the models >= 5x
-faster than jsonschema.
+realistic runc ``config.json`` (runc's default spec for a Wasm entrypoint, from
+``wasidispatch._bundles.config``), the image-spec manifest example and the multi-platform index
+example. Target: the models >= 5x faster than jsonschema.
 """
 
 from __future__ import annotations
@@ -30,38 +30,21 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
+from wasidispatch._bundles import DEFAULT_PATH, config
 from wasidispatch.oci._base import OCIModel
 from wasidispatch.oci.image import Index, Manifest
 from wasidispatch.oci.runtime import Spec
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "oci"
 
-# A realistic runc config.json (the shape of `runc spec` output) for a Wasm entrypoint.
-RUNC_CONFIG: dict[str, Any] = {
-    "ociVersion": "1.2.0",
-    "process": {
-        "terminal": False,
-        "user": {"uid": 0, "gid": 0},
-        "args": ["/app.wasm", "--serve"],
-        "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
-        "cwd": "/",
-        "capabilities": {
-            key: ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
-            for key in ("bounding", "effective", "permitted")
-        },
-        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-        "noNewPrivileges": True,
-    },
-    "root": {"path": "rootfs", "readonly": True},
-    "hostname": "runc",
-    "mounts": [
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {
-            "destination": "/dev",
-            "type": "tmpfs",
-            "source": "tmpfs",
-            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
-        },
+# A realistic runc config.json (the shape of `runc spec` output, as the demo and tests write it)
+# for a Wasm entrypoint, with runc spec's devpts and sysfs mounts on top.
+RUNC_CONFIG: dict[str, Any] = config(
+    ["/app.wasm", "--serve"],
+    env=(DEFAULT_PATH, "TERM=xterm"),
+    annotations={"run.oci.handler": "wasm"},
+    memory_limit=134217728,
+    mounts=[
         {
             "destination": "/dev/pts",
             "type": "devpts",
@@ -70,19 +53,7 @@ RUNC_CONFIG: dict[str, Any] = {
         },
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro"]},
     ],
-    "annotations": {"run.oci.handler": "wasm"},
-    "linux": {
-        "resources": {
-            "devices": [{"allow": False, "access": "rwm"}],
-            "memory": {"limit": 134217728},
-            "cpu": {"shares": 1024, "quota": 100000, "period": 100000},
-            "pids": {"limit": 64},
-        },
-        "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")],
-        "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/sys/firmware"],
-        "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys"],
-    },
-}
+)
 
 
 def _registry() -> Registry:
