@@ -775,6 +775,21 @@ def test_lean_bundle_refuses_what_cannot_run(tmp_path: Path) -> None:
         LeanBundle.load(tmp_path).resolve_entrypoint()
 
 
+@pytest.mark.parametrize("absolute", [False, True])
+def test_lean_bundle_locates_the_rootfs_as_the_models_do(tmp_path: Path, absolute: bool) -> None:
+    """``root.path`` relative to the bundle, or absolute anywhere: both views agree."""
+    from wasidispatch.oci.bundle import Bundle
+    from wasidispatch.runc.spec import LeanBundle
+
+    rootfs = tmp_path / "elsewhere" / "rootfs" if absolute else tmp_path / "b" / "fs"
+    rootfs.mkdir(parents=True)
+    (tmp_path / "b").mkdir(exist_ok=True)
+    root_path = str(rootfs) if absolute else "fs"
+    config = {"ociVersion": "1.0.2", "root": {"path": root_path}}
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    assert LeanBundle.load(tmp_path / "b").rootfs == Bundle.load(tmp_path / "b").rootfs == rootfs
+
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [

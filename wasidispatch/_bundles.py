@@ -14,8 +14,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from wasidispatch import _resolve
+
 BUSYBOX = Path("/bin/busybox")
-DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_PATH = f"PATH={_resolve.DEFAULT_PATH}"
 _BUSYBOX_APPLETS = ("sh", "echo", "cat", "ls", "sleep", "true", "false", "env", "id")
 
 

@@ -47,10 +47,19 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
 
-__all__ = ["DEFAULT_PATH", "entrypoint_name", "resolve_entrypoint", "resolve_path"]
+__all__ = ["DEFAULT_PATH", "entrypoint_name", "resolve_entrypoint", "resolve_path", "rootfs_path"]
 
 #: runc's ``PATH`` for a process whose env sets none.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def rootfs_path(config: Path, root_path: str) -> Path:
+    """The rootfs directory ``root.path`` names (relative to the bundle, which holds
+    ``config``, unless absolute); `SpecError` when it is not a directory."""
+    rootfs = config.parent / root_path  # an absolute root_path replaces the bundle part
+    if not rootfs.is_dir():
+        raise SpecError(f"{config}: root.path: {rootfs} is not a directory")
+    return rootfs
 
 
 def entrypoint_name(config: Path, args: Sequence[str] | None) -> str:

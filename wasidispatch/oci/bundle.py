@@ -68,12 +68,7 @@ class Bundle:
         spec = Spec.load(config)
         if spec.root is None:
             raise SpecError(f"{config}: root.path: required to run a container")
-        rootfs = Path(spec.root.path)
-        if not rootfs.is_absolute():
-            rootfs = bundle / rootfs
-        if not rootfs.is_dir():
-            raise SpecError(f"{config}: root.path: {rootfs} is not a directory")
-        return cls(bundle, spec, rootfs)
+        return cls(bundle, spec, _resolve.rootfs_path(config, spec.root.path))
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r})"
@@ -108,7 +103,8 @@ class Bundle:
 
         A name with a ``/`` is taken as a path (relative to ``process.cwd``) and must be a
         regular file. A bare name is searched in the spec's ``PATH`` (runc's default when
-        unset); only executable regular files match, as ``execvp`` would. Symlinks are
+        unset); executable regular files match, as ``execvp`` would, and when none does, a
+        Wasm file of that name (no execute bit needed) in ``PATH`` then ``cwd``. Symlinks are
         followed inside the rootfs; one that would leave it raises :class:`SpecError`.
         (:mod:`wasidispatch._resolve`, shared with ``wasidispatch-runc``'s ``LeanBundle``.)
         """

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints
 
+from wasidispatch._resolve import DEFAULT_PATH
 from wasidispatch.oci._base import Int32, Int64, OCIModel, Uint8, Uint16, Uint32, Uint64
 
 __all__ = [
@@ -46,9 +47,6 @@ __all__ = [
     "State",
     "User",
 ]
-
-# runc's default PATH when the spec's env has none (used by bundle resolution).
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 FileMode = Annotated[int, Field(ge=0, le=511)]
 Percent = Annotated[int, Field(ge=0, le=100)]

@@ -291,11 +291,7 @@ class LeanBundle:
         root = doc.get("root")
         if not isinstance(root, dict) or not isinstance(root.get("path"), str):
             raise SpecError(f"{config}: root.path: required to run a container")
-        rootfs = Path(root["path"])
-        if not rootfs.is_absolute():
-            rootfs = bundle / rootfs
-        if not rootfs.is_dir():
-            raise SpecError(f"{config}: root.path: {rootfs} is not a directory")
+        rootfs = _resolve.rootfs_path(config, root["path"])
         notes = doc.get("annotations")
         if notes is not None and not (
             isinstance(notes, dict) and all(isinstance(v, str) for v in notes.values())
