@@ -84,7 +84,13 @@ def test_cli_errors_are_reported_not_raised(
     not_wasm = tmp_path / "x.wasm"
     not_wasm.write_bytes(b"#!/bin/sh\n")
     assert main(["pack", str(not_wasm), f"{tmp_path / 'l'}:v1"]) == 1
-    assert "not a Wasm module or component" in capsys.readouterr().err
+    assert f"{not_wasm}: not a Wasm module or component" in capsys.readouterr().err
+    assert not (tmp_path / "l").exists()  # the layout it would have made is not left behind
+    existing = tmp_path / "existing"
+    assert main(["pack", str(wasm_file), f"{existing}:v1"]) == 0
+    assert main(["pack", str(not_wasm), f"{existing}:v2"]) == 1
+    assert "not a Wasm module" in capsys.readouterr().err
+    assert ImageLayout.open(existing).refs() == ["v1"]  # kept as it was
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "oci-layout").write_text("{}")
     assert main(["inspect", str(tmp_path / "bad")]) == 1

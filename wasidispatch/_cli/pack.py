@@ -1,13 +1,15 @@
 """``wasidispatch pack FILE.wasm DIR:TAG``: build a Wasm OCI artifact inside an image layout.
 
-The layout is created when missing; ``os`` is ``wasip1`` for a core module and ``wasip2`` for
-a component (from the file's bytes). Prints the manifest digest.
+The layout is created when missing (and removed again when the pack fails); ``os`` is
+``wasip1`` for a core module and ``wasip2`` for a component (from the file's bytes). Prints the
+manifest digest.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 
@@ -62,13 +64,21 @@ def run(args: argparse.Namespace) -> int:
             wasm = f.read()
     except OSError as exc:
         raise SpecError(f"{args.wasm}: cannot read: {exc.strerror}") from exc
+    created = not os.path.lexists(directory)
     layout = ImageLayout.create(directory)
-    desc = pack_wasm(
-        layout,
-        wasm,
-        tag,
-        created=None if args.no_created else True,
-        title=args.title or os.path.basename(args.wasm),
-    )
+    try:
+        desc = pack_wasm(
+            layout,
+            wasm,
+            tag,
+            created=None if args.no_created else True,
+            title=args.title or os.path.basename(args.wasm),
+        )
+    except BaseException as exc:
+        if created:  # a failed pack leaves no layout behind that it made
+            shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(exc, SpecError):
+            raise SpecError(f"{args.wasm}: {exc}") from exc
+        raise
     sys.stdout.write(f"{directory}:{tag} {desc.digest}\n")
     return 0
