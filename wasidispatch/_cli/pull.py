@@ -6,6 +6,17 @@ import argparse
 import sys
 
 
+def add_plain_http_option(parser: argparse.ArgumentParser) -> None:
+    """``--plain-http`` (``None`` when not given: HTTP for loopback registries), shared by
+    ``pull`` and ``push``."""
+    parser.add_argument(
+        "--plain-http",
+        action="store_true",
+        default=None,
+        help="use HTTP, not HTTPS (the default for localhost/127.0.0.1)",
+    )
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``pull`` subcommand."""
     parser = sub.add_parser(
@@ -19,12 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("ref", metavar="REF")
     parser.add_argument("dir", metavar="DIR")
     parser.add_argument("--tag", help="reference name in the layout (default: REF's tag)")
-    parser.add_argument(
-        "--plain-http",
-        action="store_true",
-        default=None,
-        help="use HTTP, not HTTPS (the default for localhost/127.0.0.1)",
-    )
+    add_plain_http_option(parser)
     parser.set_defaults(func=run)
 
 

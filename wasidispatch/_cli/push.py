@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from wasidispatch._cli.pull import add_plain_http_option
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``push`` subcommand."""
@@ -19,12 +21,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument("source", metavar="DIR[:TAG]")
     parser.add_argument("ref", metavar="REF")
-    parser.add_argument(
-        "--plain-http",
-        action="store_true",
-        default=None,
-        help="use HTTP, not HTTPS (the default for localhost/127.0.0.1)",
-    )
+    add_plain_http_option(parser)
     parser.set_defaults(func=run)
 
 
