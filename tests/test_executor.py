@@ -327,6 +327,20 @@ def test_linux_entrypoint_without_exec_bit(tmp_path: Path) -> None:
         LinuxExecutor().validate(Bundle.load(bundle))
 
 
+def test_linux_validation_is_memoized_per_bundle(tmp_path: Path) -> None:
+    """`exec` after `validate` (what `DispatchExecutor` does) reuses the decision; an edited
+    config.json is decided again."""
+    bundle = Bundle.load(busybox_bundle(tmp_path / "b", ["echo", "one"]))
+    executor = LinuxExecutor()
+    first = executor.validate(bundle)
+    assert first.executor == "linux"
+    assert executor.validate(bundle) is first
+    busybox_bundle(tmp_path / "b", ["/bin/busybox", "echo", "two"])  # rewrites config.json
+    again = executor.validate(Bundle.load(tmp_path / "b"))
+    assert again is not first
+    assert "'/bin/busybox'" in again.reason
+
+
 def test_dispatch_memoizes_and_notices_edits(tmp_path: Path) -> None:
     bundle = wasm_bundle(tmp_path / "b", build_c("hello"))
     executor = DispatchExecutor([WasmExecutor("wasmtime"), LinuxExecutor()])

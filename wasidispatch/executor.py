@@ -630,6 +630,7 @@ class LinuxExecutor:
         self.root = Path(root) if root is not None else None
         self.id_prefix = id_prefix
         self._stdio = (stdin, stdout, stderr)
+        self._accepted: dict[MemoKey, tuple[Decision, str]] = {}
 
     def _binary(self) -> str:
         import shutil
@@ -643,8 +644,16 @@ class LinuxExecutor:
         return found
 
     def validate(self, bundle: BundleLike, *, layers: Sequence[WasmLayer] = ()) -> Decision:
-        """Accept ``bundle`` when the rule says Linux and the entrypoint is executable."""
-        bundle = _load(bundle)
+        """Accept ``bundle`` when the rule says Linux and the entrypoint is executable
+        (memoized per bundle, as `WasmExecutor.plan` is)."""
+        return self._accept(_load(bundle), layers)[0]
+
+    def _accept(self, bundle: BundleLike, layers: Sequence[WasmLayer]) -> tuple[Decision, str]:
+        """The decision and the runtime binary, from the memo when this bundle was accepted."""
+        key = _memo_key(bundle, layers)
+        accepted = self._accepted.get(key)
+        if accepted is not None:
+            return accepted
         decision = decide(bundle, layers=layers)
         if decision.kind != "linux":
             raise CantHandle(f"not a Linux container ({decision.reason})")
@@ -654,8 +663,9 @@ class LinuxExecutor:
                 f"entrypoint {entry} is a Linux executable by its bytes but lacks the execute "
                 "permission (chmod +x it in the rootfs)"
             )
-        self._binary()
-        return replace(decision, executor=self.name)
+        accepted = replace(decision, executor=self.name), self._binary()
+        self._accepted[key] = accepted
+        return accepted
 
     def exec(
         self,
@@ -671,8 +681,7 @@ class LinuxExecutor:
         import tempfile
 
         bundle = _load(bundle)
-        self.validate(bundle, layers=layers)
-        binary = self._binary()
+        binary = self._accept(bundle, layers)[1]
         cid = container_id or f"{self.id_prefix}{os.urandom(8).hex()}"
         if self.root is not None:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
