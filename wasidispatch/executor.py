@@ -252,10 +252,6 @@ def _entry_path(args0: str) -> tuple[str, str | None]:
     return (path, func) if sep and func else (args0, None)
 
 
-def _annotations(bundle: BundleLike) -> Mapping[str, str]:
-    return bundle.annotations
-
-
 def _args0(bundle: BundleLike) -> str:
     process = bundle.spec.process
     if process is None or not process.args:
@@ -287,7 +283,7 @@ def decide(bundle: BundleLike, *, layers: Sequence[WasmLayer] = ()) -> Decision:
         media = ", ".join(sorted({layer.media_type for layer in layers}))
         return Decision("wasm", (Evidence("layers", f"{len(layers)} Wasm layer(s): {media}"),))
 
-    notes = _annotations(bundle)
+    notes = bundle.annotations
     handler = notes.get(ANNOTATION_HANDLER)
     if handler is not None:
         if handler.strip().lower() in _WASM_HANDLERS:
@@ -305,25 +301,23 @@ def decide(bundle: BundleLike, *, layers: Sequence[WasmLayer] = ()) -> Decision:
     if variant is not None:
         evidence.append(Evidence("annotation", f"{ANNOTATION_VARIANT}={variant}"))
 
-    entry, detected = _sniff_entrypoint(bundle)
-    evidence.append(Evidence("path", f"{_args0(bundle)!r} -> {entry}"))
+    args0 = _args0(bundle)
+    entry, detected = _sniff_entrypoint(bundle, args0)
+    evidence.append(Evidence("path", f"{args0!r} -> {entry}"))
     evidence.append(Evidence("magic", str(detected)))
     if detected.format in _WASM_FORMATS:
         return Decision("wasm", tuple(evidence), entrypoint=entry, detected=detected)
-    if variant == "compat-smart":
-        # crun would fall back to a Linux container here; so do we, when the bytes are Linux.
-        pass
+    # compat-smart over Linux bytes: crun falls back to a Linux container, and so do we.
     if detected.is_linux:
         return Decision("linux", tuple(evidence), entrypoint=entry, detected=detected)
     raise CantHandle(
-        f"entrypoint {_args0(bundle)!r} ({entry}) is neither Wasm nor a Linux "
-        f"executable: {detected}"
+        f"entrypoint {args0!r} ({entry}) is neither Wasm nor a Linux executable: {detected}"
     )
 
 
-def _sniff_entrypoint(bundle: BundleLike) -> tuple[Path, Detected]:
+def _sniff_entrypoint(bundle: BundleLike, args0: str) -> tuple[Path, Detected]:
     try:
-        entry = bundle.resolve_entrypoint(_entry_path(_args0(bundle))[0])
+        entry = bundle.resolve_entrypoint(_entry_path(args0)[0])
         return entry, sniff_path(entry)
     except (DetectionError, SpecError) as exc:
         raise CantHandle(f"cannot use the entrypoint of {bundle.path}: {exc}") from exc
@@ -452,7 +446,7 @@ class WasmExecutor:
         return got
 
     def _candidates(self, bundle: BundleLike) -> tuple[str | Engine, ...]:
-        named = _annotations(bundle).get(ANNOTATION_ENGINE)
+        named = bundle.annotations.get(ANNOTATION_ENGINE)
         if named:
             return (named,)
         return self._choices
@@ -500,12 +494,10 @@ class WasmExecutor:
         if process is None or not process.args:
             raise CantHandle(f"{bundle.path}: config.json has no process.args to run")
         args = tuple(process.args)
-        _, func = _entry_path(args[0])
-        wasm: bytes | Path
-        if layers:
-            wasm = layers[0].read_bytes()
-        else:
-            wasm = entrypoint or bundle.resolve_entrypoint(_entry_path(args[0])[0])
+        path, func = _entry_path(args[0])
+        wasm: bytes | Path = (
+            layers[0].read_bytes() if layers else entrypoint or bundle.resolve_entrypoint(path)
+        )
 
         preopens = [Preopen(bundle.rootfs, "/", readonly=bool(spec.root and spec.root.readonly))]
         for mount in spec.mounts or ():
@@ -523,7 +515,7 @@ class WasmExecutor:
         memory = _memory_limit(spec)
         if memory is not None and memory > 0:
             limits = replace(limits, memory_bytes=memory)
-        timeout = _annotations(bundle).get(ANNOTATION_TIMEOUT)
+        timeout = bundle.annotations.get(ANNOTATION_TIMEOUT)
         if timeout is not None:
             limits = replace(limits, timeout=parse_duration(timeout))
 
