@@ -23,11 +23,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the decision; exit 0, or 1 (with the reason) when nothing takes the bundle."""
     from wasidispatch._cli.run import build_executor
-    from wasidispatch.executor import DispatchExecutor
 
-    executor = build_executor(args)
-    assert isinstance(executor, DispatchExecutor)
-    decision = executor.explain(args.bundle)
+    decision = build_executor(args).explain(args.bundle)
     if args.json:
         doc = {
             "executor": decision.executor,

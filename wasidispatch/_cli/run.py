@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wasidispatch.executor import DispatchExecutor
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,7 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(func=run)
 
 
-def build_executor(args: argparse.Namespace) -> object:
+def build_executor(args: argparse.Namespace) -> DispatchExecutor:
     """The `DispatchExecutor` the options describe (shared with ``explain``)."""
     from wasidispatch.executor import DispatchExecutor, LinuxExecutor, WasmExecutor
 
@@ -44,12 +48,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the bundle; the process exits with the container's exit code."""
     import time
 
-    from wasidispatch.executor import DispatchExecutor, LinuxExecutor
+    from wasidispatch.executor import LinuxExecutor
     from wasidispatch.oci.bundle import Bundle
 
     start = time.perf_counter()
     executor = build_executor(args)
-    assert isinstance(executor, DispatchExecutor)
     bundle = Bundle.load(args.bundle)
     decision = executor.explain(bundle)
     if args.verbose:
