@@ -255,6 +255,22 @@ def test_memory_cap_leaves_small_guests_alone(engine: Engine) -> None:
     assert result.ok, result
 
 
+def test_initial_memory_above_the_cap_is_out_of_memory(engine: Engine) -> None:
+    need(engine, "memory_limit")
+    # The C guests start with more than 64 KiB of linear memory (stack + data).
+    result = run(engine, build_c("hello"), limits=Limits(memory_bytes=64 << 10))
+    assert (result.exit_code, result.reason) == (TRAP_EXIT_CODE, ExitReason.OUT_OF_MEMORY)
+    assert result.stdout == b""
+
+
+def test_trap_far_below_the_cap_is_not_out_of_memory(engine: Engine) -> None:
+    need(engine, "memory_limit")
+    result = run(engine, guest_bytes("wat", "unreachable"), limits=Limits(memory_bytes=64 << 20))
+    assert (result.exit_code, result.reason) == (TRAP_EXIT_CODE, ExitReason.TRAPPED)
+    assert result.message
+    assert "unreachable" in result.message
+
+
 def test_fuel_runs_out(engine: Engine) -> None:
     need(engine, "fuel")
     result = run(engine, guest_bytes("wat", "loop"), limits=Limits(fuel=100_000))

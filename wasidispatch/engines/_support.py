@@ -2,7 +2,12 @@
 
 What every engine has to do the same way lives here, so that the engines agree on it:
 telling a core module from a component by its header, checking preopens, mapping the
-workload's ``cwd`` onto a preopen, and the envelope around precompiled artifacts.
+workload's ``cwd`` onto a preopen, and the envelope around precompiled artifacts. The two
+wasmtime engines (``wasmtime`` on wasmtime-py, ``wasmtime-fast`` on cffi) also share what
+they may accept (`wasmtime_refusal`, `limits_refusal`), the epoch arithmetic of timeouts
+(`TICK`, `deadline_ticks`), how a trap or a failed instantiation becomes a `RunResult`'s
+outcome (`classify_trap`, `instantiate_failure`) and the CPU part of their fingerprints
+(`cpu_flags`).
 
 The envelope is a trailer: ``payload || trailer`` (see `seal_envelope`), so a file holding an
 artifact can be mapped by the engine's file loader as it is. What is verified where:
@@ -23,23 +28,33 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from wasidispatch.engines._api import Preopen, Workload
-from wasidispatch.errors import CompileError, EngineError, IncompatibleArtifact
+from wasidispatch.engines._api import TRAP_EXIT_CODE, ExitReason, Limits, Preopen, Workload
+from wasidispatch.errors import CantHandle, CompileError, EngineError, IncompatibleArtifact
 
 __all__ = [
     "ENVELOPE_FORMAT",
+    "NEVER",
+    "TICK",
     "TRAILER_SIZE",
     "WASMTIME_MAX_WASM_STACK",
     "Artifact",
     "ArtifactFile",
+    "Outcome",
+    "TrapKind",
     "WasmKind",
     "check_preopens",
+    "classify_trap",
+    "cpu_flags",
     "cwd_preopen",
+    "deadline_ticks",
+    "first_line",
+    "instantiate_failure",
+    "limits_refusal",
     "open_envelope",
     "open_envelope_file",
     "seal_envelope",
@@ -79,23 +94,39 @@ def wasm_kind(data: bytes) -> WasmKind:
 WASMTIME_MAX_WASM_STACK = 2 * 1024 * 1024
 
 
-def wasmtime_refusal(workload: Workload) -> str | None:
-    """Why a wasmtime-based engine must refuse ``workload`` (``None`` when it need not): a
-    stack size that would abort the interpreter, negative or non-finite limits, and stdio
-    directions that make no sense (captured stdin, bytes fed to an output)."""
-    lim = workload.limits
-    stack = lim.max_wasm_stack
+def limits_refusal(limits: Limits) -> str | None:
+    """Why wasmtime must not be given ``limits`` (``None`` when it may): a stack size that
+    would abort the interpreter, negative or non-finite limits.
+
+    Example::
+
+        >>> limits_refusal(Limits(timeout=0.5)) is None
+        True
+        >>> limits_refusal(Limits(fuel=-1))
+        'limits.fuel must not be negative, got -1'
+    """
+    stack = limits.max_wasm_stack
     if stack is not None and not 0 < stack <= WASMTIME_MAX_WASM_STACK:
         return (
             f"max_wasm_stack must be between 1 and {WASMTIME_MAX_WASM_STACK} bytes "
             f"(wasmtime aborts the process otherwise), got {stack}"
         )
     for field in ("memory_bytes", "fuel"):
-        value = getattr(lim, field)
+        value = getattr(limits, field)
         if value is not None and value < 0:
             return f"limits.{field} must not be negative, got {value}"
-    if lim.timeout is not None and not (lim.timeout > 0 and math.isfinite(lim.timeout)):
-        return f"limits.timeout must be a positive number, got {lim.timeout}"
+    if limits.timeout is not None and not (limits.timeout > 0 and math.isfinite(limits.timeout)):
+        return f"limits.timeout must be a positive number, got {limits.timeout}"
+    return None
+
+
+def wasmtime_refusal(workload: Workload) -> str | None:
+    """Why a wasmtime-based engine must refuse ``workload`` (``None`` when it need not): the
+    `limits_refusal` of its limits, and stdio directions that make no sense (captured stdin,
+    bytes fed to an output)."""
+    reason = limits_refusal(workload.limits)
+    if reason is not None:
+        return reason
     if workload.stdin.kind == "capture":
         return "stdin cannot be captured; use Stdio.from_bytes or a file"
     for stream, stdio in (("stdout", workload.stdout), ("stderr", workload.stderr)):
@@ -104,7 +135,113 @@ def wasmtime_refusal(workload: Workload) -> str | None:
     return None
 
 
-def check_preopens(preopens: tuple[Preopen, ...]) -> None:
+#: Epoch tick of the wasmtime engines, in seconds: the resolution of ``Limits.timeout``.
+TICK = 0.005
+
+#: Epoch deadline for runs without a timeout (the current epoch plus this cannot wrap).
+NEVER = 1 << 62
+
+
+def deadline_ticks(timeout: float) -> int:
+    """The epoch deadline, in ticks of `TICK` from now, that stops a run after ``timeout``
+    seconds (never earlier: the first tick may come at once, hence one tick more).
+
+    Example::
+
+        >>> deadline_ticks(0.001), deadline_ticks(1.0)
+        (2, 201)
+    """
+    return max(1, math.ceil(timeout / TICK)) + 1
+
+
+#: How a run ended, without timings: exit code, reason, message (the fields of `RunResult`).
+Outcome = tuple[int, ExitReason, str | None]
+
+#: What wasmtime says about a trap: an epoch interruption, fuel running out, or anything else.
+TrapKind = Literal["interrupt", "out_of_fuel", "other"]
+
+_PAGE = 65536
+
+
+def classify_trap(
+    message: str,
+    kind: TrapKind,
+    limits: Limits | None,
+    memory_sizes: Callable[[], Iterable[int]] = tuple,
+) -> Outcome:
+    """The outcome of a run that trapped (an exit through ``proc_exit`` is not a trap).
+
+    An interrupt is ``TIMED_OUT``, running out of fuel ``OUT_OF_FUEL``. wasmtime does not
+    tell the embedder that a ``memory.grow`` was refused by the memory cap, so any other trap
+    is ``OUT_OF_MEMORY`` when a cap is set and one of the instance's memories
+    (``memory_sizes()``, in bytes; asked only then) holds all but a quarter of it (at least
+    one page): a heuristic. Everything else is ``TRAPPED`` with wasmtime's message.
+
+    Example::
+
+        >>> classify_trap("wasm trap: unreachable", "other", None)
+        (137, <ExitReason.TRAPPED: 'trapped'>, 'wasm trap: unreachable')
+        >>> classify_trap("x", "other", Limits(memory_bytes=1 << 20), lambda: [1 << 20])[1]
+        <ExitReason.OUT_OF_MEMORY: 'out-of-memory'>
+    """
+    message = message.strip()
+    if kind == "interrupt":
+        timeout = limits.timeout if limits is not None else None
+        return TRAP_EXIT_CODE, ExitReason.TIMED_OUT, f"timed out after {timeout}s"
+    if kind == "out_of_fuel":
+        return TRAP_EXIT_CODE, ExitReason.OUT_OF_FUEL, message
+    cap = limits.memory_bytes if limits is not None else None
+    if cap is not None and any(size >= cap - max(cap // 4, _PAGE) for size in memory_sizes()):
+        return (
+            TRAP_EXIT_CODE,
+            ExitReason.OUT_OF_MEMORY,
+            f"memory cap of {cap} bytes reached; {message}",
+        )
+    return TRAP_EXIT_CODE, ExitReason.TRAPPED, message
+
+
+def first_line(message: str, default: str) -> str:
+    """The first non-blank line of ``message`` stripped, or ``default`` when there is none."""
+    text = message.strip()
+    return text.splitlines()[0] if text else default
+
+
+def instantiate_failure(message: str, limits: Limits | None) -> Outcome:
+    """The outcome of an instantiation that failed with an error (not a trap, not an exit).
+
+    An initial memory above the cap is ``OUT_OF_MEMORY``. A missing import raises
+    `CantHandle` (the guest needs what the engine does not provide), anything else
+    `EngineError`.
+
+    Example::
+
+        >>> instantiate_failure("memory minimum size exceeds limit", Limits(memory_bytes=0))[1]
+        <ExitReason.OUT_OF_MEMORY: 'out-of-memory'>
+    """
+    first = first_line(message, "instantiation failed")
+    capped = limits is not None and limits.memory_bytes is not None
+    if capped and "memory" in message and "limit" in message:
+        return TRAP_EXIT_CODE, ExitReason.OUT_OF_MEMORY, first
+    if "import" in first or "unknown import" in message:
+        raise CantHandle(f"cannot link the guest: {first}")
+    raise EngineError(f"cannot instantiate the guest: {first}")
+
+
+def cpu_flags() -> str:
+    """A short digest of this CPU's feature flags (``"unknown"`` where ``/proc/cpuinfo``
+    says nothing): wasmtime compiles for the host's features, so artifacts must not move
+    between CPUs with different ones and the flags are part of the engines' fingerprints."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return hashlib.sha256(line.split(":", 1)[1].strip().encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return "unknown"
+
+
+def check_preopens(preopens: Iterable[Preopen]) -> None:
     """Raise `EngineError` when a preopen's host directory is missing or not a directory,
     or its guest path is empty."""
     for pre in preopens:

@@ -35,7 +35,6 @@ import atexit
 import contextlib
 import hashlib
 import json
-import math
 import os
 import platform
 import tempfile
@@ -43,7 +42,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,6 @@ import wasmtime
 import wasmtime.component as wtc
 
 from wasidispatch.engines._api import (
-    TRAP_EXIT_CODE,
     Capabilities,
     ExitReason,
     RunResult,
@@ -63,10 +61,19 @@ from wasidispatch.engines._api import (
 )
 from wasidispatch.engines._support import (
     ENVELOPE_FORMAT,
+    NEVER,
+    TICK,
     WASMTIME_MAX_WASM_STACK,
+    Outcome,
+    TrapKind,
     WasmKind,
     check_preopens,
+    classify_trap,
+    cpu_flags,
     cwd_preopen,
+    deadline_ticks,
+    first_line,
+    instantiate_failure,
     open_envelope,
     open_envelope_file,
     seal_envelope,
@@ -81,11 +88,6 @@ __all__ = ["MAX_WASM_STACK", "TICK", "WasmtimeEngine"]
 #: stack size (2 MiB by default) instead of raising.
 MAX_WASM_STACK = WASMTIME_MAX_WASM_STACK
 
-#: Epoch tick, in seconds: the resolution of ``Limits.timeout``.
-TICK = 0.005
-
-_NEVER = 1 << 62  # epoch deadline for runs without a timeout
-_PAGE = 65536
 _COMMAND_RUN = "wasi:cli/run@0.2"
 
 _CAPABILITIES = Capabilities(
@@ -102,19 +104,6 @@ _CAPABILITIES = Capabilities(
     entry_export=True,
     fast_instantiate=False,
 )
-
-
-def _cpu_flags() -> str:
-    # Wasmtime compiles for the host's CPU features; artifacts must not move between CPUs
-    # with different features, so they are part of the fingerprint.
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return hashlib.sha256(line.split(":", 1)[1].strip().encode()).hexdigest()[:16]
-    except OSError:
-        pass
-    return "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +248,7 @@ class WasmtimeEngine:
                 "version": self.version(),
                 "config": {"opt_level": self._opt_level, "epoch": True, "fuel": False},
                 "envelope": ENVELOPE_FORMAT,
-                "target": {"machine": platform.machine(), "cpu": _cpu_flags()},
+                "target": {"machine": platform.machine(), "cpu": cpu_flags()},
             }
             blob = json.dumps(doc, sort_keys=True).encode()
             self._fingerprint = hashlib.sha256(blob).hexdigest()
@@ -304,10 +293,10 @@ class WasmtimeEngine:
             if lim.fuel is not None:
                 store.set_fuel(lim.fuel)
             if lim.timeout is not None:
-                store.set_epoch_deadline(max(1, math.ceil(lim.timeout / TICK)) + 1)
+                store.set_epoch_deadline(deadline_ticks(lim.timeout))
                 stack.enter_context(runtime.ticker.running())
             else:
-                store.set_epoch_deadline(_NEVER)
+                store.set_epoch_deadline(NEVER)
             if kind == "module":
                 assert isinstance(compiled, wasmtime.Module)
                 result = self._run_module(runtime, store, compiled, workload)
@@ -456,7 +445,7 @@ class WasmtimeEngine:
             instance = runtime.linker.instantiate(store, module)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             t_inst = time.perf_counter() - t0
-            outcome = self._instantiate_failure(exc, workload)
+            outcome = _instantiate_failure(exc, workload)
             return (*outcome, t_inst, 0.0)
         t1 = time.perf_counter()
         func = _export(instance, store, entry)
@@ -471,7 +460,7 @@ class WasmtimeEngine:
             func(store)
             outcome = (0, ExitReason.EXITED, None)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-            outcome = self._classify(exc, workload, lambda: _memory_sizes(instance, store))
+            outcome = _classify(exc, workload, lambda: _memory_sizes(instance, store))
         t2 = time.perf_counter()
         return (*outcome, t1 - t0, t2 - t1)
 
@@ -494,7 +483,7 @@ class WasmtimeEngine:
             instance = runtime.component_linker.instantiate(store, component)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             t_inst = time.perf_counter() - t0
-            outcome = self._instantiate_failure(exc, workload)
+            outcome = _instantiate_failure(exc, workload)
             return (*outcome, t_inst, 0.0)
         t1 = time.perf_counter()
         iface = instance.get_export_index(store, run_name)
@@ -504,58 +493,39 @@ class WasmtimeEngine:
             raise CantHandle(f"component's {run_name} has no function 'run'")
         try:
             value = func(store)
-            failed = getattr(value, "tag", "ok") == "err"
-            outcome = (
-                (1, ExitReason.EXITED, "wasi:cli/run returned an error")
-                if failed
-                else (
-                    0,
-                    ExitReason.EXITED,
-                    None,
-                )
-            )
+            if getattr(value, "tag", "ok") == "err":
+                outcome = (1, ExitReason.EXITED, "wasi:cli/run returned an error")
+            else:
+                outcome = (0, ExitReason.EXITED, None)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-            outcome = self._classify(exc, workload, lambda: [])
+            outcome = _classify(exc, workload)
         t2 = time.perf_counter()
         return (*outcome, t1 - t0, t2 - t1)
 
-    @staticmethod
-    def _instantiate_failure(
-        exc: Exception, workload: Workload
-    ) -> tuple[int, ExitReason, str | None]:
-        if isinstance(exc, wasmtime.Trap | wasmtime.ExitTrap):
-            return WasmtimeEngine._classify(exc, workload, lambda: [])
-        text = str(exc)
-        if workload.limits.memory_bytes is not None and "memory" in text and "limit" in text:
-            return TRAP_EXIT_CODE, ExitReason.OUT_OF_MEMORY, _first_line(exc)
-        if "unknown import" in text or "import" in _first_line(exc):
-            raise CantHandle(f"cannot link the guest: {_first_line(exc)}") from exc
-        raise EngineError(f"cannot instantiate the guest: {_first_line(exc)}") from exc
 
-    @staticmethod
-    def _classify(
-        exc: Exception, workload: Workload, memory_sizes: Any
-    ) -> tuple[int, ExitReason, str | None]:
-        if isinstance(exc, wasmtime.ExitTrap):
-            return exc.code, ExitReason.EXITED, None
-        message = str(exc).strip()
-        code = exc.trap_code if isinstance(exc, wasmtime.Trap) else None
-        if code is wasmtime.TrapCode.INTERRUPT:
-            return (
-                TRAP_EXIT_CODE,
-                ExitReason.TIMED_OUT,
-                f"timed out after {workload.limits.timeout}s",
-            )
-        if code is wasmtime.TrapCode.OUT_OF_FUEL:
-            return TRAP_EXIT_CODE, ExitReason.OUT_OF_FUEL, message
-        cap = workload.limits.memory_bytes
-        if cap is not None and any(size >= cap - max(cap // 4, _PAGE) for size in memory_sizes()):
-            return (
-                TRAP_EXIT_CODE,
-                ExitReason.OUT_OF_MEMORY,
-                f"memory cap of {cap} bytes reached; {message}",
-            )
-        return TRAP_EXIT_CODE, ExitReason.TRAPPED, message
+_TRAP_KINDS: dict[wasmtime.TrapCode, TrapKind] = {
+    wasmtime.TrapCode.INTERRUPT: "interrupt",
+    wasmtime.TrapCode.OUT_OF_FUEL: "out_of_fuel",
+}
+
+
+def _classify(
+    exc: Exception, workload: Workload, memory_sizes: Callable[[], Iterable[int]] = tuple
+) -> Outcome:
+    """The outcome of a run that raised ``exc``: an exit, or a trap (see `classify_trap`)."""
+    if isinstance(exc, wasmtime.ExitTrap):
+        return exc.code, ExitReason.EXITED, None
+    code = exc.trap_code if isinstance(exc, wasmtime.Trap) else None
+    kind = _TRAP_KINDS.get(code, "other") if code is not None else "other"
+    return classify_trap(str(exc), kind, workload.limits, memory_sizes)
+
+
+def _instantiate_failure(exc: Exception, workload: Workload) -> Outcome:
+    """The outcome of an instantiation that raised ``exc`` (a trapping start function is a
+    trap; see `instantiate_failure` for the rest)."""
+    if isinstance(exc, wasmtime.Trap | wasmtime.ExitTrap):
+        return _classify(exc, workload)
+    return instantiate_failure(str(exc), workload.limits)
 
 
 def _export(instance: wasmtime.Instance, store: wasmtime.Store, name: str) -> object:
@@ -583,7 +553,7 @@ def _memory_sizes(instance: wasmtime.Instance, store: wasmtime.Store) -> list[in
 
 
 def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first_line(str(exc), type(exc).__name__)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ precompiled artifact is made for, and accepted by, the default configuration onl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
@@ -126,7 +127,7 @@ class FastWasmtimeEngine:
         verdict = self.can_handle(workload)
         if not verdict:
             raise CantHandle(verdict.reason)
-        check_preopens(workload.preopens)
+        check_preopens(workload.preopens)  # before cwd_preopen, which looks inside them
         cwd = cwd_preopen(workload)
         profile: _Profile = (workload.limits.fuel is not None, workload.limits.max_wasm_stack)
         t0 = time.perf_counter()
@@ -143,16 +144,8 @@ class FastWasmtimeEngine:
             entry=workload.entry,
             limits=workload.limits,
         )
-        timings = result.timings
-        return RunResult(
-            exit_code=result.exit_code,
-            reason=result.reason,
-            message=result.message,
-            stdout=result.stdout,
-            stderr=result.stderr,
-            timings=type(timings)(
-                compile=t_compile, instantiate=timings.instantiate, run=timings.run
-            ),
+        return dataclasses.replace(
+            result, timings=dataclasses.replace(result.timings, compile=t_compile)
         )
 
     # -- engines and the prepared-module cache ---------------------------------------------
@@ -178,15 +171,12 @@ class FastWasmtimeEngine:
             # Prepared modules are kept by the artifact's sha256: verified for bytes, and for
             # a path the one its trailer records (paths come checked, see open_envelope_file),
             # so a hit costs one trailer read and no hashing.
+            # A component's artifact is refused by _prepare_artifact (nothing is cached).
             if isinstance(data, Path):
                 with open_envelope_file(data, fast.fingerprint()) as art:
-                    if art.kind != "module":
-                        raise CantHandle("the wasmtime fast path runs core modules only")
                     key = (profile, b"artifact:" + art.sha256)
                     return self._cached(key, lambda: fast._prepare_artifact(art, wasi=True))
             opened = open_envelope(data, fast.fingerprint())  # verify before anything else
-            if opened.kind != "module":
-                raise CantHandle("the wasmtime fast path runs core modules only")
             key = (profile, b"artifact:" + opened.sha256)
             return self._cached(key, lambda: fast._prepare_artifact(opened, wasi=True))
         try:

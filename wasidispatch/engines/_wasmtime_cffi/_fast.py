@@ -26,22 +26,39 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from wasidispatch.engines._api import (
-    TRAP_EXIT_CODE,
     ExitReason,
     Limits,
     Preopen,
     RunResult,
     Stdio,
     Timings,
+)
+from wasidispatch.engines._support import (
+    ENVELOPE_FORMAT,
+    NEVER,
+    TICK,
+    Artifact,
+    ArtifactFile,
+    Outcome,
+    TrapKind,
+    check_preopens,
+    classify_trap,
+    cpu_flags,
+    deadline_ticks,
+    instantiate_failure,
+    limits_refusal,
+    open_envelope,
+    open_envelope_file,
+    seal_envelope,
+    wasm_kind,
 )
 from wasidispatch.engines._wasmtime_cffi import _native
 from wasidispatch.engines._wasmtime_cffi._lib import Loaded, load
@@ -58,17 +75,9 @@ from wasidispatch.engines._wasmtime_cffi._native import (
 )
 from wasidispatch.errors import CantHandle, EngineError
 
-if TYPE_CHECKING:
-    from wasidispatch.engines._support import Artifact, ArtifactFile
-
 __all__ = ["TICK", "CallResult", "FastWasmtime", "PreparedModule", "WasmValue"]
 
-#: Epoch tick, in seconds: the resolution of ``Limits.timeout``.
-TICK = 0.005
-
-_NEVER = 1 << 62  # epoch deadline for runs without a timeout (current + this cannot wrap)
 _FUEL_UNLIMITED = (1 << 63) - 1
-_PAGE = 65536
 _MAX_VALS = 16  # per-thread scratch holds this many params/results; more are allocated
 
 WasmValue = int | float
@@ -157,20 +166,6 @@ class _EpochTicker:
                 self._users -= 1
 
 
-def _cpu_flags() -> str:
-    import hashlib
-
-    # Compiled code depends on the host CPU's features: artifacts must not move between CPUs.
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return hashlib.sha256(line.split(":", 1)[1].strip().encode()).hexdigest()[:16]
-    except OSError:
-        pass
-    return "unknown"
-
-
 class FastWasmtime:
     """A wasmtime engine driven through the cffi fast path (core modules, WASI preview 1).
 
@@ -234,8 +229,6 @@ class FastWasmtime:
             import json
             import platform
 
-            from wasidispatch.engines._support import ENVELOPE_FORMAT
-
             cfg = self._config
             doc = {
                 "engine": "wasmtime-fast",
@@ -247,7 +240,7 @@ class FastWasmtime:
                     "fuel": cfg.consume_fuel,
                     "max_wasm_stack": cfg.max_wasm_stack,
                 },
-                "target": {"machine": platform.machine(), "cpu": _cpu_flags()},
+                "target": {"machine": platform.machine(), "cpu": cpu_flags()},
             }
             blob = json.dumps(doc, sort_keys=True).encode()
             self._fingerprint = hashlib.sha256(blob).hexdigest()
@@ -256,8 +249,6 @@ class FastWasmtime:
     def precompile(self, wasm: bytes | bytearray) -> bytes:
         """Compile a core module ahead of time, in wasidispatch's verified envelope (for
         `prepare`'s ``precompiled`` or `Workload.precompiled` on ``wasmtime-fast``)."""
-        from wasidispatch.engines._support import seal_envelope, wasm_kind
-
         if wasm_kind(bytes(wasm[:8])) != "module":
             raise CantHandle("the wasmtime fast path runs core modules only, not components")
         module = _native.compile_module(self._loaded, self._engine, wasm)
@@ -284,9 +275,6 @@ class FastWasmtime:
         `CompileError` (not a valid core module), `CantHandle` (a component, or an import
         that cannot be satisfied), `IncompatibleArtifact` (an artifact from elsewhere).
         """
-        # _support imports hashlib (OpenSSL): deferred to keep importing this module cheap.
-        from wasidispatch.engines._support import open_envelope, open_envelope_file, wasm_kind
-
         if (wasm is None) == (precompiled is None):
             raise EngineError("pass exactly one of wasm and precompiled")
         loaded = self._loaded
@@ -310,8 +298,6 @@ class FastWasmtime:
         """The native module of an opened envelope: verified bytes are deserialized from
         memory, a checked file (still open: call this inside `open_envelope_file`'s block)
         is mapped with ``wasmtime_module_deserialize_file``."""
-        from wasidispatch.engines._support import ArtifactFile
-
         if art.kind != "module":
             raise CantHandle("the wasmtime fast path runs core modules only")
         if isinstance(art, ArtifactFile):
@@ -451,8 +437,6 @@ class PreparedModule:
         module = self._module
         if module is None:
             raise EngineError("the prepared module is closed")
-        from wasidispatch.engines._support import seal_envelope
-
         payload = _native.serialize_module(self._loaded, module)
         return seal_envelope(self._fast.fingerprint(), "module", payload)
 
@@ -547,7 +531,7 @@ class PreparedModule:
             if self._call_needs_wasi:
                 self._set_empty_wasi(ctx)
             if self._epoch:
-                set_deadline(ctx, _NEVER)
+                set_deadline(ctx, NEVER)
             if self._fuel:
                 self._set_fuel(ctx, _FUEL_UNLIMITED)
             trapp = scratch.trapp
@@ -671,7 +655,7 @@ class PreparedModule:
         limits: Limits | None,
         wasi: CData | None,
         timings: list[float] | None = None,
-    ) -> tuple[int, ExitReason, str | None] | None:
+    ) -> Outcome | None:
         """Make a store, instantiate, call ``name``, classify, delete the store.
 
         ``None`` means the function returned (its results are in ``results``). ``wasi`` is
@@ -697,7 +681,7 @@ class PreparedModule:
                     raise EngineError(f"wasmtime refused the WASI configuration: {message}")
             if limits is None or limits == _NO_LIMITS:
                 if fast._config.epoch_interruption:
-                    lib.wasmtime_context_set_epoch_deadline(ctx, _NEVER)
+                    lib.wasmtime_context_set_epoch_deadline(ctx, NEVER)
                 if fast._config.consume_fuel:
                     self._set_fuel(ctx, _FUEL_UNLIMITED)
             elif self._arm(store, ctx, limits):
@@ -723,7 +707,7 @@ class PreparedModule:
         n_results: int,
         limits: Limits | None,
         timings: list[float] | None,
-    ) -> tuple[int, ExitReason, str | None] | None:
+    ) -> Outcome | None:
         """Instantiate and call inside a live store (``ctx``); the caller deletes the store."""
         loaded = self._loaded
         ffi, lib = loaded.ffi, loaded.lib
@@ -777,35 +761,29 @@ class PreparedModule:
         """Apply ``limits`` to a fresh store; True when the run needs the epoch ticker."""
         lib = self._loaded.lib
         cfg = self._fast._config
+        refusal = limits_refusal(limits)
+        if refusal is not None:
+            raise EngineError(refusal)
         if limits.max_wasm_stack is not None and limits.max_wasm_stack != cfg.max_wasm_stack:
             raise CantHandle("limits.max_wasm_stack needs an engine made with that max_wasm_stack")
         if limits.memory_bytes is not None:
-            if limits.memory_bytes < 0:
-                raise EngineError("limits.memory_bytes must not be negative")
             lib.wasmtime_store_limiter(store, limits.memory_bytes, -1, -1, -1, -1)
         if limits.fuel is not None:
             if not cfg.consume_fuel:
                 raise CantHandle("limits.fuel needs an engine made with consume_fuel=True")
-            if limits.fuel < 0:
-                raise EngineError("limits.fuel must not be negative")
             self._set_fuel(ctx, min(limits.fuel, _FUEL_UNLIMITED))
         elif cfg.consume_fuel:
             self._set_fuel(ctx, _FUEL_UNLIMITED)
         if limits.timeout is None:
             if cfg.epoch_interruption:
-                lib.wasmtime_context_set_epoch_deadline(ctx, _NEVER)
+                lib.wasmtime_context_set_epoch_deadline(ctx, NEVER)
             return False
         if not cfg.epoch_interruption:
             raise CantHandle("limits.timeout needs an engine with epoch_interruption=True")
-        if not (limits.timeout > 0 and math.isfinite(limits.timeout)):
-            raise EngineError(f"limits.timeout must be a positive number, got {limits.timeout}")
-        ticks = max(1, math.ceil(limits.timeout / TICK)) + 1
-        lib.wasmtime_context_set_epoch_deadline(ctx, ticks)
+        lib.wasmtime_context_set_epoch_deadline(ctx, deadline_ticks(limits.timeout))
         return True
 
-    def _instantiate_failure(
-        self, err: CData, trap: CData, limits: Limits | None
-    ) -> tuple[int, ExitReason, str | None]:
+    def _instantiate_failure(self, err: CData, trap: CData, limits: Limits | None) -> Outcome:
         loaded = self._loaded
         if trap != loaded.ffi.NULL:  # the start function trapped
             message, code = _native.trap_info(loaded, trap)
@@ -813,13 +791,7 @@ class PreparedModule:
         message, exit_status = _native.error_info(loaded, err)
         if exit_status is not None:
             return exit_status, ExitReason.EXITED, None
-        first = message.strip().splitlines()[0] if message.strip() else "instantiation failed"
-        capped = limits is not None and limits.memory_bytes is not None
-        if capped and "memory" in message and "limit" in message:
-            return TRAP_EXIT_CODE, ExitReason.OUT_OF_MEMORY, first
-        if "import" in first:
-            raise CantHandle(f"cannot link the guest: {first}")
-        raise EngineError(f"cannot instantiate the guest: {first}")
+        return instantiate_failure(message, limits)
 
     def _classify(
         self,
@@ -828,26 +800,13 @@ class PreparedModule:
         limits: Limits | None,
         ctx: CData | None,
         scratch: _Scratch | None,
-    ) -> tuple[int, ExitReason, str | None]:
-        message = message.strip()
-        if code == _native.TRAP_CODE_INTERRUPT:
-            timeout = limits.timeout if limits is not None else None
-            return TRAP_EXIT_CODE, ExitReason.TIMED_OUT, f"timed out after {timeout}s"
-        if code == _native.TRAP_CODE_OUT_OF_FUEL:
-            return TRAP_EXIT_CODE, ExitReason.OUT_OF_FUEL, message
-        cap = limits.memory_bytes if limits is not None else None
-        if (
-            cap is not None
-            and ctx is not None
-            and scratch is not None
-            and any(size >= cap - max(cap // 4, _PAGE) for size in self._memory_sizes(ctx, scratch))
-        ):
-            return (
-                TRAP_EXIT_CODE,
-                ExitReason.OUT_OF_MEMORY,
-                f"memory cap of {cap} bytes reached; {message}",
-            )
-        return TRAP_EXIT_CODE, ExitReason.TRAPPED, message
+    ) -> Outcome:
+        """A trap's outcome (`classify_trap`); the instance's memories are measured only
+        when ``ctx`` and ``scratch`` hold a live instance."""
+        kind = _TRAP_KINDS.get(code, "other") if code is not None else "other"
+        if ctx is None or scratch is None:
+            return classify_trap(message, kind, limits)
+        return classify_trap(message, kind, limits, lambda: self._memory_sizes(ctx, scratch))
 
     def _memory_sizes(self, ctx: CData, scratch: _Scratch) -> list[int]:
         lib = self._loaded.lib
@@ -865,6 +824,10 @@ class PreparedModule:
 
 
 _NO_LIMITS = Limits()
+_TRAP_KINDS: dict[int, TrapKind] = {
+    _native.TRAP_CODE_INTERRUPT: "interrupt",
+    _native.TRAP_CODE_OUT_OF_FUEL: "out_of_fuel",
+}
 _EXITED = ExitReason.EXITED
 _new_result = tuple.__new__  # CallResult without the NamedTuple constructor's Python frame
 
@@ -977,20 +940,16 @@ def _wasi_config(
             )
             if not lib.wasi_config_set_env(wasi, len(env), names, values):
                 raise EngineError("wasmtime refused the environment")
+        check_preopens(preopens)
         for pre in preopens:
-            host = Path(pre.host)
-            if not pre.guest:
-                raise EngineError(f"preopen of {host} has an empty guest path")
-            if not host.is_dir():
-                raise EngineError(f"preopen host directory does not exist: {host}")
             ok = lib.wasi_config_preopen_dir(
                 wasi,
-                _cstr(ffi, str(host), "a preopen path", keep),
+                _cstr(ffi, str(pre.host), "a preopen path", keep),
                 _cstr(ffi, pre.guest, "a preopen guest path", keep),
                 not pre.readonly,
             )
             if not ok:
-                raise EngineError(f"cannot preopen {host} as {pre.guest}")
+                raise EngineError(f"cannot preopen {pre.host} as {pre.guest}")
         _set_stdin(loaded, wasi, stdin, keep)
         for stream, stdio in (("stdout", stdout), ("stderr", stderr)):
             _set_output(loaded, wasi, stream, stdio, captured, keep)
