@@ -271,6 +271,19 @@ def test_trap_far_below_the_cap_is_not_out_of_memory(engine: Engine) -> None:
     assert "unreachable" in result.message
 
 
+def test_unknown_import_is_refused(engine: Engine) -> None:
+    import wasmtime
+
+    wasm = bytes(
+        wasmtime.wat2wasm(
+            '(module (import "env" "host_only" (func))'
+            ' (memory (export "memory") 1) (func (export "_start")))'
+        )
+    )
+    with pytest.raises(CantHandle, match="cannot link the guest"):
+        run(engine, wasm)
+
+
 def test_fuel_runs_out(engine: Engine) -> None:
     need(engine, "fuel")
     result = run(engine, guest_bytes("wat", "loop"), limits=Limits(fuel=100_000))

@@ -39,7 +39,9 @@ translated:
 - stdout/stderr are always captured by the SDK; ``inherit`` writes them to this process's
   descriptors 1/2 when the guest ends (not while it runs), ``file`` writes the file,
   ``null`` drops them;
-- a trap surfaces as an SDK error with the trap's text: it becomes a ``TRAPPED`` result.
+- a trap surfaces as an SDK error with the trap's text: it becomes a ``TRAPPED`` result;
+  an import the sandbox does not provide (the guest never started) is `CantHandle`, as on
+  the wasmtime engines.
 """
 
 from __future__ import annotations
@@ -367,6 +369,9 @@ class WasmerEngine:
             except wasmer_sdk.WasmerError as exc:
                 if exc.code != "EXECUTION_ERROR":
                     raise _load_error(exc) from exc
+                if "unknown import" in str(exc):  # it never started: as the wasmtime engines
+                    first = str(exc).strip().splitlines()[0]
+                    raise CantHandle(f"cannot link the guest: {first}") from exc
                 error = exc
             # Written back whatever way the guest ended: a killed process's writes stay too.
             notes = await layout.write_back(sandbox)
