@@ -587,6 +587,28 @@ def test_not_a_directory_is_refused(tmp_path: Path) -> None:
         PrecompileCache(f)
 
 
+@pytest.mark.parametrize("max_bytes", [0, -1, 1.5, True])
+def test_bad_max_bytes_is_a_cache_error(cache_dir: Path, max_bytes: object) -> None:
+    with pytest.raises(CacheError, match="max_bytes"):
+        PrecompileCache(cache_dir, max_bytes=max_bytes)  # type: ignore[arg-type]
+    assert not cache_dir.exists()  # refused before anything was created
+
+
+def test_clear_failing_on_disk_is_a_cache_error(
+    cache: PrecompileCache, cache_dir: Path, hello: bytes
+) -> None:
+    art = cache.artifact(Fake(), hello)
+    assert art is not None
+    lock = cache_dir / "v1" / ".lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()  # the global lock cannot be opened (running as root, modes do not stop us)
+    with pytest.raises(CacheError, match="cannot clear"):
+        cache.clear()
+    lock.rmdir()
+    assert cache.clear() == 1
+    assert cache.entries() == []
+
+
 def test_default_directory_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "wasidispatch"

@@ -485,11 +485,14 @@ def _make_private_dir(path: Path) -> None:
     """Create ``path`` and missing parents with mode 0700, then check it is trusted."""
     missing: list[Path] = []
     p = path
-    while not p.exists():
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
+    try:
+        while not p.exists():
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+    except OSError as exc:  # e.g. a parent this user may not search
+        raise CacheError(f"cannot use cache directory {path}: {exc}") from exc
     for d in reversed(missing):
         try:
             os.mkdir(d, 0o700)
@@ -497,7 +500,10 @@ def _make_private_dir(path: Path) -> None:
             continue  # another process won the race; checked below
         except OSError as exc:
             raise CacheError(f"cannot create cache directory {d}: {exc}") from exc
-        os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
+        try:
+            os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
+        except OSError as exc:
+            raise CacheError(f"cannot make cache directory {d} private: {exc}") from exc
     _check_trusted(path)
 
 
@@ -519,8 +525,8 @@ class PrecompileCache:
     def __init__(
         self, directory: str | os.PathLike[str] | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES
     ) -> None:
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+            raise CacheError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
         self.directory = Path(directory) if directory is not None else default_cache_dir()
         self.max_bytes = max_bytes
         _make_private_dir(self.directory)
@@ -865,22 +871,26 @@ class PrecompileCache:
         Entries being compiled at this moment (their lock is held) survive.
         """
         removed = 0
-        with _FileLock(self._base / ".lock"):
-            entries, names = self._scan()
-            for e in entries:
-                lock = _FileLock(self._entries / f"{e.key}.lock", blocking=False)
-                if not lock.acquire():
-                    continue
-                try:
-                    self._remove_entry(e.key)
-                    lock.unlink()
-                finally:
-                    lock.release()
-                removed += 1
-            self._sweep(names, entries, all_locks=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._base / "stats.json")
-        self._verified.clear()
+        try:
+            with _FileLock(self._base / ".lock"):
+                entries, names = self._scan()
+                for e in entries:
+                    lock = _FileLock(self._entries / f"{e.key}.lock", blocking=False)
+                    if not lock.acquire():
+                        continue
+                    try:
+                        self._remove_entry(e.key)
+                        lock.unlink()
+                    finally:
+                        lock.release()
+                    removed += 1
+                self._sweep(names, entries, all_locks=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._base / "stats.json")
+        except OSError as exc:
+            raise CacheError(f"cannot clear cache directory {self._base}: {exc}") from exc
+        finally:
+            self._verified.clear()  # whatever is left is verified again on its next use
         self._touched.clear()
         with self._counters.lock:
             for name in _COUNTER_NAMES:
