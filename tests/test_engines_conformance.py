@@ -284,6 +284,24 @@ def test_unknown_import_is_refused(engine: Engine) -> None:
         run(engine, wasm)
 
 
+@pytest.mark.parametrize(
+    ("capability", "limits"),
+    [
+        ("memory_limit", Limits(memory_bytes=1 << 70)),
+        ("fuel", Limits(fuel=1 << 70)),
+        ("timeout", Limits(timeout=1e300)),
+    ],
+    ids=["memory", "fuel", "timeout"],
+)
+def test_huge_limits_are_no_limit(engine: Engine, capability: str, limits: Limits) -> None:
+    # Engines' APIs take 64-bit integers: a larger limit must neither wrap (to a cap of 0)
+    # nor overflow into an exception.
+    need(engine, capability)
+    result = run(engine, build_c("hello"), limits=limits)
+    assert result.ok, result
+    assert result.stdout == b"hello from wasi\n"
+
+
 def test_fuel_runs_out(engine: Engine) -> None:
     need(engine, "fuel")
     result = run(engine, guest_bytes("wat", "loop"), limits=Limits(fuel=100_000))

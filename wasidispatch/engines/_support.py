@@ -38,6 +38,7 @@ from wasidispatch.errors import CantHandle, CompileError, EngineError, Incompati
 
 __all__ = [
     "ENVELOPE_FORMAT",
+    "LIMIT_MAX",
     "NEVER",
     "TICK",
     "TRAILER_SIZE",
@@ -148,10 +149,15 @@ def deadline_ticks(timeout: float) -> int:
 
     Example::
 
-        >>> deadline_ticks(0.001), deadline_ticks(1.0)
-        (2, 201)
+        >>> deadline_ticks(0.001), deadline_ticks(1.0), deadline_ticks(1e300) == NEVER
+        (2, 201, True)
     """
-    return max(1, math.ceil(timeout / TICK)) + 1
+    return min(max(1, math.ceil(timeout / TICK)) + 1, NEVER)  # wasmtime takes a u64 delta
+
+
+#: Largest memory cap or fuel handed to wasmtime (its C API takes them as 64-bit integers;
+#: a larger limit is the same as this one, which no guest can reach).
+LIMIT_MAX = (1 << 63) - 1
 
 
 #: How a run ended, without timings: exit code, reason, message (the fields of `RunResult`).

@@ -364,7 +364,7 @@ class WasmerEngine:
             try:
                 command = sandbox.command(package, list(workload.argv[1:]), env=dict(workload.env))
                 output = await command.run(
-                    stdin=stdin, timeout=workload.limits.timeout, check=False
+                    stdin=stdin, timeout=_sdk_timeout(workload.limits.timeout), check=False
                 )
             except wasmer_sdk.WasmerError as exc:
                 if exc.code != "EXECUTION_ERROR":
@@ -817,6 +817,15 @@ def _deliver(stdio: Stdio, fd: int, data: bytes) -> bytes | None:
         while view:
             view = view[os.write(fd, view) :]
     return None
+
+
+#: Longest timeout handed to the SDK (about 31 years), which refuses one beyond ~1.8e19 s.
+_MAX_TIMEOUT = 1e9
+
+
+def _sdk_timeout(timeout: float | None) -> float | None:
+    """``timeout`` as the SDK takes it: a longer one than it can represent is no limit."""
+    return None if timeout is None else min(timeout, _MAX_TIMEOUT)
 
 
 def _trap_message(text: str) -> str:

@@ -61,6 +61,7 @@ from wasidispatch.engines._api import (
 )
 from wasidispatch.engines._support import (
     ENVELOPE_FORMAT,
+    LIMIT_MAX,
     NEVER,
     TICK,
     WASMTIME_MAX_WASM_STACK,
@@ -289,9 +290,9 @@ class WasmtimeEngine:
             store.set_wasi(wasi)
             lim = workload.limits
             if lim.memory_bytes is not None:
-                store.set_limits(memory_size=lim.memory_bytes)
+                store.set_limits(memory_size=min(lim.memory_bytes, LIMIT_MAX))
             if lim.fuel is not None:
-                store.set_fuel(lim.fuel)
+                store.set_fuel(min(lim.fuel, LIMIT_MAX))
             if lim.timeout is not None:
                 store.set_epoch_deadline(deadline_ticks(lim.timeout))
                 stack.enter_context(runtime.ticker.running())

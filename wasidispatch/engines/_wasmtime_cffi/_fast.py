@@ -43,6 +43,7 @@ from wasidispatch.engines._api import (
 )
 from wasidispatch.engines._support import (
     ENVELOPE_FORMAT,
+    LIMIT_MAX,
     NEVER,
     TICK,
     Artifact,
@@ -77,7 +78,7 @@ from wasidispatch.errors import CantHandle, EngineError
 
 __all__ = ["TICK", "CallResult", "FastWasmtime", "PreparedModule", "WasmValue"]
 
-_FUEL_UNLIMITED = (1 << 63) - 1
+_FUEL_UNLIMITED = LIMIT_MAX
 _MAX_VALS = 16  # per-thread scratch holds this many params/results; more are allocated
 
 WasmValue = int | float
@@ -767,7 +768,8 @@ class PreparedModule:
         if limits.max_wasm_stack is not None and limits.max_wasm_stack != cfg.max_wasm_stack:
             raise CantHandle("limits.max_wasm_stack needs an engine made with that max_wasm_stack")
         if limits.memory_bytes is not None:
-            lib.wasmtime_store_limiter(store, limits.memory_bytes, -1, -1, -1, -1)
+            memory = min(limits.memory_bytes, LIMIT_MAX)
+            lib.wasmtime_store_limiter(store, memory, -1, -1, -1, -1)
         if limits.fuel is not None:
             if not cfg.consume_fuel:
                 raise CantHandle("limits.fuel needs an engine made with consume_fuel=True")
