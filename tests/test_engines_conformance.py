@@ -392,6 +392,30 @@ def test_entry_export_runs_another_function(engine: Engine) -> None:
     assert (result.exit_code, result.reason) == (7, ExitReason.EXITED)
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (("a\0b",), {}, "NUL"),
+        (("\udcff",), {}, "UTF-8"),
+        ((), {"NAME\0": "v"}, "NUL"),
+        ((), {"NAME": "v\0"}, "NUL"),
+        ((), {"A=B": "v"}, "'='"),
+        ((), {"": "v"}, "'='"),
+    ],
+    ids=["argv-nul", "argv-surrogate", "env-name-nul", "env-value-nul", "env-name-eq", "env-empty"],
+)
+def test_strings_a_guest_cannot_see_as_given_are_refused(
+    engine: Engine, args: tuple[str, ...], env: dict[str, str], says: str
+) -> None:
+    # Cut short at a NUL, unencodable, or another variable: never run with something else.
+    workload = Workload(
+        wasm=build_c("hello"), argv=("guest.wasm", *args), env=env, stdin=Stdio.null()
+    )
+    assert says in engine.can_handle(workload).reason
+    with pytest.raises(CantHandle, match=says):
+        run(engine, build_c("hello"), *args, env=env)
+
+
 def test_missing_preopen_dir_is_an_engine_error(engine: Engine, tmp_path: Path) -> None:
     need(engine, "preopens")
     with pytest.raises(EngineError, match="does not exist"):

@@ -418,6 +418,8 @@ def test_run_wasi_readonly_preopen(fast: FastWasmtime, tmp_path: Path) -> None:
         files.run_wasi(preopens=(Preopen(tmp_path / "missing", "/m"),))
     with pytest.raises(EngineError, match="NUL"):
         files.run_wasi(argv=("f", "a\0b"))
+    with pytest.raises(EngineError, match="without '='"):
+        files.run_wasi(argv=("f",), env={"A=B": "c"})
 
 
 # -- ownership: nothing public can reach a store-bound handle ---------------------------------

@@ -48,6 +48,7 @@ __all__ = [
     "Outcome",
     "TrapKind",
     "WasmKind",
+    "c_string_refusal",
     "check_preopens",
     "classify_trap",
     "cpu_flags",
@@ -121,11 +122,46 @@ def limits_refusal(limits: Limits) -> str | None:
     return None
 
 
+def c_string_refusal(workload: Workload) -> str | None:
+    """Why a string of ``workload`` cannot reach a WASI guest as it is: a NUL character
+    (engines take C strings, cut short there), a lone surrogate (not UTF-8), or an ``=``
+    in an environment name (the guest would see another name). ``None`` when none does.
+
+    Example::
+
+        >>> c_string_refusal(Workload(wasm=b"", argv=("a\\0b",)))
+        "an argument contains a NUL character: 'a\\\\x00b'"
+    """
+    stdio_paths = [io.path for io in (workload.stdin, workload.stdout, workload.stderr)]
+    groups: tuple[tuple[str, Iterable[object]], ...] = (
+        ("an argument", workload.argv),
+        ("an environment name", workload.env.keys()),
+        ("an environment value", workload.env.values()),
+        ("a preopen guest path", (pre.guest for pre in workload.preopens)),
+        ("a preopen host path", (pre.host for pre in workload.preopens)),
+        ("a stdio file path", (path for path in stdio_paths if path is not None)),
+    )
+    for name in workload.env:
+        if "=" in name or not name:
+            return f"an environment name must be non-empty and without '=': {name!r}"
+    for what, items in groups:
+        for item in items:
+            text = str(item)
+            if "\0" in text:
+                return f"{what} contains a NUL character: {text!r}"
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"{what} is not valid UTF-8: {text!r}"
+    return None
+
+
 def wasmtime_refusal(workload: Workload) -> str | None:
     """Why a wasmtime-based engine must refuse ``workload`` (``None`` when it need not): the
-    `limits_refusal` of its limits, and stdio directions that make no sense (captured stdin,
-    bytes fed to an output)."""
-    reason = limits_refusal(workload.limits)
+    `limits_refusal` of its limits, strings that cannot be C strings (a NUL character, a
+    lone surrogate in an argument, the environment, a preopen or a stdio path), and stdio
+    directions that make no sense (captured stdin, bytes fed to an output)."""
+    reason = limits_refusal(workload.limits) or c_string_refusal(workload)
     if reason is not None:
         return reason
     if workload.stdin.kind == "capture":

@@ -76,7 +76,7 @@ from wasidispatch.engines._api import (
     Verdict,
     Workload,
 )
-from wasidispatch.engines._support import check_preopens, wasm_kind
+from wasidispatch.engines._support import c_string_refusal, check_preopens, wasm_kind
 from wasidispatch.errors import CantHandle, CompileError, EngineError
 
 __all__ = ["MIRROR_LIMIT", "WasmerEngine"]
@@ -483,6 +483,9 @@ def _refusal(workload: Workload, discard_writes: bool) -> str | None:
     for failed, reason in checks:
         if failed:
             return reason
+    unrepresentable = c_string_refusal(workload)
+    if unrepresentable is not None:
+        return unrepresentable
     if lim.timeout is not None and not lim.timeout > 0:
         return f"limits.timeout must be a positive number, got {lim.timeout}"
     if not _encodable(workload.argv[0]):

@@ -936,6 +936,9 @@ def _wasi_config(
             if not lib.wasi_config_set_argv(wasi, len(argv), ptrs):
                 raise EngineError("wasmtime refused the arguments")
         if env:
+            for name in env:
+                if not name or "=" in name:
+                    raise EngineError(f"an env name must be non-empty and without '=': {name!r}")
             names = ffi.new("char *[]", [_cstr(ffi, k, "an env name", keep) for k in env])
             values = ffi.new(
                 "char *[]", [_cstr(ffi, v, "an env value", keep) for v in env.values()]
