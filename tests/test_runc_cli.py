@@ -602,6 +602,27 @@ def test_wasm_create_failure_is_logged_and_leaves_nothing(
     assert _children() <= children_before  # no container process was left to us
 
 
+@needs_runtime
+def test_wasm_create_with_an_unwritable_pid_file_leaves_no_process(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
+) -> None:
+    """The container process is already waiting on exec.fifo when the pid file fails: it is
+    killed and reaped, not left orphaned with no state to find it by."""
+    bundle = wasm_bundle(tmp_path / "b", "hello", [], cgroup_name)
+    pid_file = tmp_path / "no-such-dir" / "p"
+    children_before = _children()
+    with (tmp_path / "out").open("wb") as out_f:
+        proc = runtime(
+            "create", "--bundle", str(bundle), "--pid-file", str(pid_file), "w7", stdout=out_f
+        )
+    assert proc.returncode == 1
+    assert len(runtime.errors()) == 1
+    assert "No such file or directory" in runtime.errors()[0]
+    assert not (runtime.root / "w7").exists()
+    assert cgroup_dirs(cgroup_name) == []
+    assert _children() <= children_before
+
+
 def _children() -> set[int]:
     """This process's children (other fixtures, e.g. a registry, may have some of their own)."""
     found: set[int] = set()

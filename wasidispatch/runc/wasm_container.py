@@ -208,6 +208,7 @@ def create(inv: Invocation, planned: Plan, log: RuntimeLog) -> int:
     except FileExistsError:
         raise RuntimeFailure(f"container with id exists: {cid}") from None
     made: list[str] = []
+    pid = 0
     try:
         pid, made = _spawn(inv, planned, directory, log)
         stat = proc_stat(pid)
@@ -228,11 +229,21 @@ def create(inv: Invocation, planned: Plan, log: RuntimeLog) -> int:
         if pid_file:
             _write_pid_file(pid_file, pid)
     except BaseException:
+        if pid:  # spawned but not recorded (pid file, state): it must not wait on the fifo
+            _kill_and_reap(pid)
         if made:
             cgroups.remove(made)
         _remove_state_dir(directory)
         raise
     return 0
+
+
+def _kill_and_reap(pid: int) -> None:
+    """SIGKILL our own child ``pid`` and wait for it (its cgroup can then be removed)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def _spawn(
