@@ -388,7 +388,7 @@ def test_mixed_bundles_through_one_dispatcher(tmp_path: Path) -> None:
 
 @needs_runc
 def test_interrupted_caller_leaves_no_container(tmp_path: Path) -> None:
-    bundle = busybox_bundle(tmp_path / "b", ["sleep", "60"])
+    bundle = busybox_bundle(tmp_path / "b", ["sleep", "3607"])  # a marker no other job uses
     code = (
         "import sys\n"
         "from wasidispatch.executor import LinuxExecutor\n"
@@ -409,7 +409,7 @@ def test_interrupted_caller_leaves_no_container(tmp_path: Path) -> None:
     )
     assert listed.stdout.strip() == ""
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "sleep 60" not in ps
+    assert "sleep 3607" not in ps
 
 
 @pytest.mark.parametrize("where", ["/bin", "/work"])
