@@ -62,22 +62,15 @@ import wasmtime
 import wasmtime.component as wtc
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from tests.guests import guest_bytes
 from wasidispatch.cache import PrecompileCache
 from wasidispatch.engines import Capabilities, Engine, Stdio, Workload
 from wasidispatch.engines._wasmtime_cffi import FastWasmtimeEngine, PreparedModule
 from wasidispatch.engines.wasmtime import WasmtimeEngine
 
-HELLO_WAT = """
-(module
-  (import "wasi_snapshot_preview1" "fd_write"
-    (func $fd_write (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 16) "hello\\n")
-  (func (export "_start")
-    (i32.store (i32.const 0) (i32.const 16))
-    (i32.store (i32.const 4) (i32.const 6))
-    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
-"""
+#: What the shared WAT hello guest (tests/guests/wat/hello.wat) prints.
+HELLO_OUT = b"hello from wat\n"
+
 
 PY_APP = """\
 import wit_world
@@ -176,7 +169,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, native: NativeWasmtime) -> 
     root = tmp_path_factory.mktemp("bench-cache")
     made: dict[str, Input] = {}
     small = root / "small.wasm"
-    small.write_bytes(wasmtime.wat2wasm(HELLO_WAT))
+    small.write_bytes(guest_bytes("wat", "hello"))
     big = root / "big.wasm"
     big.write_bytes(wasmtime.wat2wasm(big_module_wat()))
     assert big.stat().st_size >= 1 << 20
@@ -336,7 +329,7 @@ def engine_inputs(
 ) -> dict[tuple[str, str], EngineInput]:
     root = tmp_path_factory.mktemp("bench-cache-engines")
     small = root / "small.wasm"
-    small.write_bytes(wasmtime.wat2wasm(HELLO_WAT))
+    small.write_bytes(guest_bytes("wat", "hello"))
     big = root / "big.wasm"
     big.write_bytes(wasmtime.wat2wasm(big_module_wat()))
     made: dict[tuple[str, str], EngineInput] = {}
@@ -474,4 +467,4 @@ def test_engine_hit_and_run(
         assert result.ok
         return result.stdout
 
-    assert benchmark(run) == (b"hello\n" if size == "small" else b"")
+    assert benchmark(run) == (HELLO_OUT if size == "small" else b"")

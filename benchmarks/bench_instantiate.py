@@ -33,6 +33,7 @@ import pytest
 import wasmtime
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from tests.guests import guest_bytes
 from wasidispatch.engines import Stdio, Workload
 from wasidispatch.engines._wasmtime_cffi import FastWasmtime, FastWasmtimeEngine
 from wasidispatch.engines.wasmtime import WasmtimeEngine
@@ -46,19 +47,11 @@ ADD_MEMORY_WAT = """
   (memory (export "memory") 1)
   (func (export "add") (param i32 i32) (result i32) local.get 0 local.get 1 i32.add))
 """
-HELLO_WAT = """
-(module
-  (import "wasi_snapshot_preview1" "fd_write"
-    (func $fd_write (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 16) "hello\\n")
-  (func (export "_start")
-    (i32.store (i32.const 0) (i32.const 16))
-    (i32.store (i32.const 4) (i32.const 6))
-    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
-"""
 
 CONTENDERS = ["wasmtime-py Instance", "wasmtime-py InstancePre", "fast", "fast pooling"]
+
+#: What the shared WAT hello guest (tests/guests/wat/hello.wat) prints.
+HELLO_OUT = b"hello from wat\n"
 
 
 def _add_request(wat: str, contender: str) -> Callable[[], object]:
@@ -106,7 +99,7 @@ def test_add_with_memory(benchmark: BenchmarkFixture, contender: str) -> None:
 
 
 def _hello_request(contender: str) -> Callable[[], bytes]:
-    wasm = bytes(wasmtime.wat2wasm(HELLO_WAT))
+    wasm = bytes(guest_bytes("wat", "hello"))
     if contender.startswith("fast"):
         prepared = FastWasmtime(pooling=contender == "fast pooling").prepare(wasm)
         capture = Stdio.capture()
@@ -141,8 +134,8 @@ def _hello_request(contender: str) -> Callable[[], bytes]:
 @pytest.mark.benchmark(group="wasi-hello")
 def test_wasi_hello(benchmark: BenchmarkFixture, contender: str) -> None:
     request = _hello_request(contender)
-    assert request() == b"hello\n"
-    assert benchmark(request) == b"hello\n"
+    assert request() == HELLO_OUT
+    assert benchmark(request) == HELLO_OUT
 
 
 @pytest.mark.parametrize("name", ["wasmtime", "wasmtime-fast", "wasmtime-fast pooling"])
@@ -154,17 +147,17 @@ def test_engine_run(benchmark: BenchmarkFixture, name: str) -> None:
         else FastWasmtimeEngine(pooling=name.endswith("pooling"))
     )
     workload = Workload(
-        wasm=bytes(wasmtime.wat2wasm(HELLO_WAT)),
+        wasm=bytes(guest_bytes("wat", "hello")),
         argv=("hello",),
         env={"A": "1"},
         stdin=Stdio.null(),
         stdout=Stdio.capture(),
         stderr=Stdio.capture(),
     )
-    assert engine.run(workload).stdout == b"hello\n"
+    assert engine.run(workload).stdout == HELLO_OUT
     result = benchmark(engine.run, workload)
     assert result.ok
-    assert result.stdout == b"hello\n"
+    assert result.stdout == HELLO_OUT
 
 
 IMPORTS = {
