@@ -375,9 +375,13 @@ def test_engine_hit_and_wasmtime_load(
     assert kind == "module"
 
 
+@pytest.mark.parametrize("prepare", [True, False], ids=["prepare", "alone"])
 @pytest.mark.parametrize("size", ENGINE_SIZES)
 def test_engine_deserialize_file_c_api(
-    benchmark: BenchmarkFixture, engine_inputs: dict[tuple[str, str], EngineInput], size: str
+    benchmark: BenchmarkFixture,
+    engine_inputs: dict[tuple[str, str], EngineInput],
+    size: str,
+    prepare: bool,
 ) -> None:
     item = engine_inputs["wasmtime-fast", size]
     assert isinstance(item.engine, FastWasmtimeEngine)
@@ -385,36 +389,17 @@ def test_engine_deserialize_file_c_api(
     ffi, lib = fast._loaded.ffi, fast._loaded.lib
     raw = str(item.raw).encode()
     benchmark.group = f"cache {size} engines"
-    benchmark.name = "deserialize_file (C API)+prepare"
-
-    def load() -> PreparedModule:
-        out = ffi.new("wasmtime_module_t **")
-        err = lib.wasmtime_module_deserialize_file(fast._engine, raw, out)
-        assert err == ffi.NULL
-        return PreparedModule(fast, ffi.gc(out[0], lib.wasmtime_module_delete), wasi=True)
-
-    assert benchmark(load).functions
-
-
-@pytest.mark.parametrize("size", ENGINE_SIZES)
-def test_engine_deserialize_file_c_api_alone(
-    benchmark: BenchmarkFixture, engine_inputs: dict[tuple[str, str], EngineInput], size: str
-) -> None:
-    item = engine_inputs["wasmtime-fast", size]
-    assert isinstance(item.engine, FastWasmtimeEngine)
-    fast = item.engine._fast((False, None))
-    ffi, lib = fast._loaded.ffi, fast._loaded.lib
-    raw = str(item.raw).encode()
-    benchmark.group = f"cache {size} engines"
-    benchmark.name = "deserialize_file (C API)"
+    benchmark.name = "deserialize_file (C API)" + ("+prepare" if prepare else "")
 
     def load() -> object:
         out = ffi.new("wasmtime_module_t **")
         err = lib.wasmtime_module_deserialize_file(fast._engine, raw, out)
         assert err == ffi.NULL
-        return ffi.gc(out[0], lib.wasmtime_module_delete)
+        module = ffi.gc(out[0], lib.wasmtime_module_delete)
+        return PreparedModule(fast, module, wasi=True) if prepare else module
 
-    benchmark(load)
+    loaded = benchmark(load)
+    assert not prepare or (isinstance(loaded, PreparedModule) and loaded.functions)
 
 
 @pytest.mark.parametrize("size", ENGINE_SIZES)
