@@ -91,38 +91,47 @@ def _vec_text(ffi: Any, vec: CData) -> str:
     return data.rstrip(b"\0").decode("utf-8", "replace")
 
 
-def error_info(loaded: Loaded, err: CData) -> tuple[str, int | None]:
-    """``(message, exit status or None)`` of a ``wasmtime_error_t``, which is deleted."""
+def _take_message(
+    loaded: Loaded, obj: CData, *, code: tuple[str, str], message: str, delete: str
+) -> tuple[str, int | None]:
+    """Read the message (and the optional code, through ``code = (C type, getter)``) of an
+    error or trap ``obj``, then delete it and the message vector."""
     ffi, lib = loaded.ffi, loaded.lib
     try:
-        status = ffi.new("int *")
-        exit_status = int(status[0]) if lib.wasmtime_error_exit_status(err, status) else None
-        vec = ffi.new("wasm_name_t *")
-        lib.wasmtime_error_message(err, vec)
+        ctype, getter = code
+        out = ffi.new(ctype)
+        value = int(out[0]) if getattr(lib, getter)(obj, out) else None
+        vec = ffi.new("wasm_byte_vec_t *")
+        getattr(lib, message)(obj, vec)
         try:
-            message = _vec_text(ffi, vec)
+            text = _vec_text(ffi, vec)
         finally:
             lib.wasm_byte_vec_delete(vec)
-        return message, exit_status
+        return text, value
     finally:
-        lib.wasmtime_error_delete(err)
+        getattr(lib, delete)(obj)
+
+
+def error_info(loaded: Loaded, err: CData) -> tuple[str, int | None]:
+    """``(message, exit status or None)`` of a ``wasmtime_error_t``, which is deleted."""
+    return _take_message(
+        loaded,
+        err,
+        code=("int *", "wasmtime_error_exit_status"),
+        message="wasmtime_error_message",
+        delete="wasmtime_error_delete",
+    )
 
 
 def trap_info(loaded: Loaded, trap: CData) -> tuple[str, int | None]:
     """``(message, wasmtime trap code or None)`` of a ``wasm_trap_t``, which is deleted."""
-    ffi, lib = loaded.ffi, loaded.lib
-    try:
-        code = ffi.new("wasmtime_trap_code_t *")
-        trap_code = int(code[0]) if lib.wasmtime_trap_code(trap, code) else None
-        vec = ffi.new("wasm_message_t *")
-        lib.wasm_trap_message(trap, vec)
-        try:
-            message = _vec_text(ffi, vec)
-        finally:
-            lib.wasm_byte_vec_delete(vec)
-        return message, trap_code
-    finally:
-        lib.wasm_trap_delete(trap)
+    return _take_message(
+        loaded,
+        trap,
+        code=("wasmtime_trap_code_t *", "wasmtime_trap_code"),
+        message="wasm_trap_message",
+        delete="wasm_trap_delete",
+    )
 
 
 def _raise_error(loaded: Loaded, err: CData, cls: type[Exception], what: str) -> NoReturn:
