@@ -115,3 +115,22 @@ def test_engine_choice_and_errors() -> None:
         assert run_wasm(build_c("hello"), engine="wasmer").stdout == b"hello from wasi\n"
         with pytest.raises(CantHandle):
             run_wasm(build_c("hello"), engine="wasmer", dirs={"/d": "/tmp"})
+
+
+def test_builder_carries_argv0_cwd_entry_and_precompiled(tmp_path: Path) -> None:
+    args = WasiRun(build_c("args")).with_argv0("prog").with_args("x").run()
+    assert args.stdout.decode().splitlines()[1:] == ["prog", "x"]
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "f.txt").write_text("in cwd\n")
+    files = WasiRun(build_c("files")).with_dir(tmp_path, "/d").with_cwd("/d/sub")
+    assert files.with_args("read", "f.txt").run().stdout == b"in cwd\n"
+
+    lib = WasiRun(guest_bytes("wat", "no_start"))
+    assert lib.with_entry("answer").run().exit_code == 7
+
+    engine = engines.get("wasmtime")
+    artifact = engine.precompile(guest_bytes("wat", "exit42"))
+    assert artifact is not None
+    ran = WasiRun(b"not wasm: the artifact is what runs").with_precompiled(artifact).run()
+    assert ran.exit_code == 42

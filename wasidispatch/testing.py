@@ -152,6 +152,10 @@ class WasiRun:
     dirs: Mapping[str, str | Path] = field(default_factory=dict)
     readonly_dirs: Mapping[str, str | Path] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    argv0: str | None = None
+    cwd: str | None = None
+    entry: str | None = None
+    precompiled: bytes | Path | None = None
 
     def on(self, engine: str) -> WasiRun:
         """Run on ``engine`` (a registry name)."""
@@ -178,6 +182,22 @@ class WasiRun:
             return replace(self, readonly_dirs={**self.readonly_dirs, name: host})
         return replace(self, dirs={**self.dirs, name: host})
 
+    def with_argv0(self, argv0: str) -> WasiRun:
+        """The program name the guest sees as ``argv[0]``."""
+        return replace(self, argv0=argv0)
+
+    def with_cwd(self, cwd: str) -> WasiRun:
+        """The guest's working directory (a guest path under a preopen)."""
+        return replace(self, cwd=cwd)
+
+    def with_entry(self, export: str) -> WasiRun:
+        """Call this export instead of the WASI command entry."""
+        return replace(self, entry=export)
+
+    def with_precompiled(self, artifact: bytes | Path) -> WasiRun:
+        """Load this artifact of the engine's `precompile` instead of compiling."""
+        return replace(self, precompiled=artifact)
+
     def with_limits(self, limits: Limits) -> WasiRun:
         """Replace the limits."""
         return replace(self, limits=limits)
@@ -201,4 +221,8 @@ class WasiRun:
             dirs=self.dirs,
             readonly_dirs=self.readonly_dirs,
             limits=self.limits,
+            argv0=self.argv0,
+            cwd=self.cwd,
+            entry=self.entry,
+            precompiled=self.precompiled,
         )
