@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "sniff_file": "wasidispatch.detect",
     "sniff_path": "wasidispatch.detect",
     # engine contract
+    "Cancel": "wasidispatch.engines._api",
     "Capabilities": "wasidispatch.engines._api",
     "Engine": "wasidispatch.engines._api",
     "ExitReason": "wasidispatch.engines._api",
@@ -116,6 +117,7 @@ if TYPE_CHECKING:
     from wasidispatch.detect import sniff_path as sniff_path
     from wasidispatch.engines import EngineInfo
     from wasidispatch.engines._api import (
+        Cancel,
         Capabilities,
         Engine,
         ExitReason,

@@ -6,14 +6,18 @@ build on it without pulling in wasmtime or Wasmer.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 __all__ = [
     "TRAP_EXIT_CODE",
+    "Cancel",
     "Capabilities",
     "Engine",
     "ExitReason",
@@ -30,7 +34,7 @@ __all__ = [
 #: (the code a container killed by SIGKILL has: 128 + 9).
 TRAP_EXIT_CODE = 137
 
-StdioKind = Literal["inherit", "null", "capture", "file", "bytes"]
+StdioKind = Literal["inherit", "null", "capture", "file", "bytes", "fd"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +43,11 @@ class Stdio:
 
     Use the constructors: ``Stdio.inherit()`` (the host process's own descriptor),
     ``Stdio.null()``, ``Stdio.capture()`` (stdout/stderr only: bytes land in the
-    `RunResult`), ``Stdio.file(path)`` (stdin reads it; stdout/stderr truncate and write it),
-    ``Stdio.from_bytes(b"...")`` (stdin only).
+    `RunResult`), ``Stdio.file(path)`` (stdin reads it; stdout/stderr truncate and write a
+    regular file; a FIFO or a character device is opened and used as it is),
+    ``Stdio.from_bytes(b"...")`` (stdin only), ``Stdio.fd(n)`` (an open host descriptor of
+    any kind: pipe, FIFO, socket, tty, regular file; the caller keeps it, the engine never
+    closes it).
 
     Example::
 
@@ -51,6 +58,7 @@ class Stdio:
     kind: StdioKind
     path: Path | None = None
     data: bytes | None = None
+    descriptor: int | None = None
 
     @classmethod
     def inherit(cls) -> Stdio:
@@ -76,6 +84,98 @@ class Stdio:
     def from_bytes(cls, data: bytes) -> Stdio:
         """Feed these bytes as stdin."""
         return cls("bytes", data=bytes(data))
+
+    @classmethod
+    def fd(cls, fd: int) -> Stdio:
+        """Use the open host descriptor ``fd`` (pipe, FIFO, socket, tty or regular file):
+        stdin reads from it, stdout/stderr write to it (at its current offset, never
+        truncating). The caller keeps ownership: the engine never closes ``fd``, and stops
+        using it when `Engine.run` returns. `EngineError` for anything but an int >= 0."""
+        if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
+            from wasidispatch.errors import EngineError
+
+            raise EngineError(f"Stdio.fd takes a descriptor number >= 0, got {fd!r}")
+        return cls("fd", descriptor=fd)
+
+
+class Cancel:
+    """A thread-safe handle that stops an in-process run from another thread.
+
+    Give it to a run as `Workload.cancel` (or ``workload.with_cancel(cancel)``); call
+    `cancel` from any thread, before or while the guest runs. The run then stops promptly
+    and returns ``RunResult(exit_code=128 + signum, reason=ExitReason.CANCELLED,
+    message="cancelled by signal N")``. Only the first `cancel` counts; a handle stays
+    cancelled (use a new one per run). A run that already ended is not affected.
+
+    Example::
+
+        >>> c = Cancel()
+        >>> c.cancelled, c.signum
+        (False, None)
+        >>> c.cancel(15)
+        >>> c.cancelled, c.signum
+        (True, 15)
+    """
+
+    __slots__ = ("_callbacks", "_lock", "_signum")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._signum: int | None = None
+        self._callbacks: list[Callable[[], None]] = []
+
+    def cancel(self, signum: int = signal.SIGKILL) -> None:
+        """Ask the run to stop, as if by signal ``signum`` (an int from 1 to 127; the
+        exit code is ``128 + signum``). Idempotent: later calls change nothing."""
+        if isinstance(signum, bool) or not isinstance(signum, int) or not 0 < signum < 128:
+            from wasidispatch.errors import EngineError
+
+            raise EngineError(f"Cancel.cancel takes a signal number 1..127, got {signum!r}")
+        with self._lock:
+            if self._signum is not None:
+                return
+            self._signum = int(signum)
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether `cancel` was called."""
+        return self._signum is not None
+
+    @property
+    def signum(self) -> int | None:
+        """The signal `cancel` was called with, or ``None``."""
+        return self._signum
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """For engines: call ``callback`` (once, from the cancelling thread) when the handle
+        is cancelled, at once if it already is. Returns a function that unsubscribes."""
+        with self._lock:
+            if self._signum is None:
+                self._callbacks.append(callback)
+                return lambda: self._unsubscribe(callback)
+        callback()
+        return _nothing
+
+    def _unsubscribe(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+    def __repr__(self) -> str:
+        return f"Cancel(signum={self._signum})"
+
+
+def _nothing() -> None:
+    return None
+
+
+def cancelled_result(cancel: Cancel) -> tuple[int, ExitReason, str]:
+    """``(exit_code, reason, message)`` of a run stopped by ``cancel`` (for engines)."""
+    signum = cancel.signum or signal.SIGKILL
+    return 128 + signum, ExitReason.CANCELLED, f"cancelled by signal {signum}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +221,9 @@ class Workload:
     trusted users can write (`PrecompileCache` hands out exactly such paths).
     ``env`` is the guest's whole environment: the host environment never leaks in.
     ``entry`` names an export to call instead of the WASI command entry (``_start`` for
-    modules, ``wasi:cli/run`` for components).
+    modules, ``wasi:cli/run`` for components). ``cancel`` is a `Cancel` handle that stops
+    the run from another thread. `with_stdio` and `with_cancel` make a per-run copy of a
+    prepared (possibly precompiled) workload.
 
     Example::
 
@@ -141,6 +243,37 @@ class Workload:
     entry: str | None = None
     limits: Limits = field(default_factory=Limits)
     precompiled: bytes | Path | None = None
+    cancel: Cancel | None = None
+
+    def with_stdio(
+        self,
+        *,
+        stdin: Stdio | None = None,
+        stdout: Stdio | None = None,
+        stderr: Stdio | None = None,
+    ) -> Workload:
+        """This workload with the given stdio streams (``None`` keeps the current one)."""
+        for name, value in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
+            if value is not None and not isinstance(value, Stdio):
+                from wasidispatch.errors import EngineError
+
+                raise EngineError(f"with_stdio: {name} must be a Stdio, got {value!r}")
+        if stdin is None and stdout is None and stderr is None:
+            return self
+        return dataclasses.replace(
+            self,
+            stdin=self.stdin if stdin is None else stdin,
+            stdout=self.stdout if stdout is None else stdout,
+            stderr=self.stderr if stderr is None else stderr,
+        )
+
+    def with_cancel(self, cancel: Cancel | None) -> Workload:
+        """This workload with ``cancel`` as its cancel handle (``None`` removes it)."""
+        if cancel is not None and not isinstance(cancel, Cancel):
+            from wasidispatch.errors import EngineError
+
+            raise EngineError(f"with_cancel takes a Cancel or None, got {cancel!r}")
+        return dataclasses.replace(self, cancel=cancel)
 
     def wasm_bytes(self) -> bytes:
         """The Wasm binary, read from disk when ``wasm`` is a path."""
@@ -157,6 +290,7 @@ class ExitReason(enum.Enum):
     TIMED_OUT = "timed-out"
     OUT_OF_MEMORY = "out-of-memory"
     OUT_OF_FUEL = "out-of-fuel"
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +313,8 @@ class RunResult:
     """How a run ended: exit code plus why.
 
     Exit codes follow runwasi: the WASI exit code as is; 137 for a trap, timeout, or running
-    out of memory or fuel. ``stdout``/``stderr`` hold bytes only when captured.
+    out of memory or fuel; 128 + N for a run cancelled by signal N (`Cancel`).
+    ``stdout``/``stderr`` hold bytes only when captured.
 
     Example::
 
@@ -216,6 +351,8 @@ class Capabilities:
     fuel: bool = False
     entry_export: bool = False
     fast_instantiate: bool = False
+    cancel: bool = False
+    stdio_fd: bool = False
 
     def names(self) -> list[str]:
         """The names of the capabilities that are present, for display."""

@@ -98,6 +98,8 @@ _CAPABILITIES = Capabilities(
     fuel=False,
     entry_export=False,
     fast_instantiate=False,
+    cancel=True,
+    stdio_fd=True,
 )
 
 #: Default cap on the bytes of host files mirrored into one sandbox (all preopens together).

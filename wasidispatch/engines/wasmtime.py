@@ -104,6 +104,8 @@ _CAPABILITIES = Capabilities(
     fuel=True,
     entry_export=True,
     fast_instantiate=False,
+    cancel=True,
+    stdio_fd=True,
 )
 
 

@@ -52,6 +52,8 @@ _CAPABILITIES = Capabilities(
     fuel=True,
     entry_export=True,
     fast_instantiate=True,
+    cancel=True,
+    stdio_fd=True,
 )
 
 _Profile = tuple[bool, int | None]  # (fuel, max_wasm_stack)
