@@ -3,7 +3,9 @@
 containerd's runc shim reads the last ``"level":"error"`` line of ``<bundle>/log.json`` and
 shows its ``msg`` (``OCI runtime create failed: <msg>``), so errors are appended there as one
 JSON object per line. Without ``--log`` runc writes to stderr; so do we. Nothing is ever
-written to the container's own stdio when a log file is given.
+written to the container's own stdio when a log file is given. The log is opened by
+`wasidispatch._fs.append_fd`: a symlink planted at its name, or anything but a regular file
+or a FIFO, is refused and the record dropped (runc would follow it).
 """
 
 from __future__ import annotations
@@ -67,8 +69,11 @@ class RuntimeLog:
             except OSError:
                 pass
             return
+        from wasidispatch._fs import append_fd  # only when there is something to log
+
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # never through a symlink planted at the log's name, nor into a device
+            fd = append_fd(self.path)
         except OSError:
             return
         try:

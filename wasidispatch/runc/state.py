@@ -11,6 +11,7 @@ so a recycled pid is never mistaken for the container. Stdlib only: ``state``/``
 from __future__ import annotations
 
 import os
+from stat import S_ISREG as _S_ISREG
 
 # Not `from typing import ...`: this module is on the path of every call, and typing costs
 # more than the module itself; mypy treats a module-level TYPE_CHECKING = False the same way.
@@ -30,24 +31,28 @@ __all__ = [
 ]
 
 STATE_NAME = "wasidispatch.json"
+_STATE_LIMIT = 1 << 20  # our own document is a few hundred bytes
 FIFO_NAME = "exec.fifo"
 OCI_VERSION = "1.0.2"
 
-# runc's rule for container ids (libcontainer: ^[\w+-\.]+$); no "/", so no path escape.
-_ID_EXTRA = frozenset("_+-.")
+# runc's rule for container ids (libcontainer's validateID in runc 1.1: the Go regexp
+# ^[\w+-\.]+$, where \w is ASCII [0-9A-Za-z_] and "+-\." is the range '+'..'.', so ","
+# is in; then "/"+id must be a clean path, which refuses "." and ".."). No "/": no escape.
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_+,-.")
 
 
 def valid_id(container_id: str) -> bool:
-    """Whether ``container_id`` is one runc would accept.
+    """Whether ``container_id`` is one runc would accept: ASCII letters, digits and
+    ``_ + , - .``, not empty, not ``.`` or ``..``.
 
     Example::
 
-        >>> valid_id("k8s_app-1.0"), valid_id("../etc"), valid_id("..")
-        (True, False, False)
+        >>> valid_id("k8s_app-1.0"), valid_id("a,b"), valid_id("../etc"), valid_id("é")
+        (True, True, False, False)
     """
     if not container_id or container_id in (".", ".."):
         return False
-    return all(c.isalnum() or c in _ID_EXTRA for c in container_id)
+    return all(c in _ID_CHARS for c in container_id)
 
 
 def container_dir(root: str, container_id: str) -> str:
@@ -145,17 +150,16 @@ class WasmState:
         return doc
 
     def save(self, directory: str) -> None:
-        """Write ``<directory>/wasidispatch.json`` atomically (temp file + rename)."""
+        """Write ``<directory>/wasidispatch.json`` whole or not at all, never through a file
+        planted at that name or at a temporary one (`wasidispatch._fs.write_atomic`)."""
         import json
 
+        from wasidispatch._fs import write_atomic  # only `create` writes: not on light paths
+
         self.directory = directory
-        tmp = os.path.join(directory, f".{STATE_NAME}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, json.dumps(self.to_dict()).encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, os.path.join(directory, STATE_NAME))
+        write_atomic(
+            os.path.join(directory, STATE_NAME), json.dumps(self.to_dict()).encode(), mode=0o600
+        )
 
     @classmethod
     def load(cls, root: str, container_id: str) -> WasmState | None:
@@ -163,10 +167,22 @@ class WasmState:
         if not valid_id(container_id):
             return None
         directory = container_dir(root, container_id)
+        # Not through a symlink, never blocking on a FIFO, and only a regular file: a name
+        # planted in the state directory is not ours (the directory is runc's or foreign).
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            with open(os.path.join(directory, STATE_NAME), "rb") as fh:
-                data = fh.read()
+            fd = os.open(os.path.join(directory, STATE_NAME), flags)
         except OSError:
+            return None
+        try:
+            if not _S_ISREG(os.fstat(fd).st_mode):
+                return None
+            data = os.read(fd, _STATE_LIMIT + 1)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if len(data) > _STATE_LIMIT:
             return None
         import json  # only for our own containers: a Linux id never pays for it
 

@@ -157,15 +157,12 @@ def _int_option(inv: Invocation, name: str) -> int:
 
 
 def _write_pid_file(path: str, pid: int) -> None:
-    """Digits only, no newline (containerd's parser refuses one), written atomically."""
-    path = os.path.abspath(path)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, str(pid).encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """Digits only, no newline (containerd's parser refuses one), written as runc writes it:
+    an exclusive temporary file renamed over the name, so a symlink or file planted at the
+    final or at a temporary name is replaced, never followed or truncated."""
+    from wasidispatch._fs import write_atomic
+
+    write_atomic(os.path.abspath(path), str(pid).encode(), mode=0o644)
 
 
 def _send_console(socket_path: str, master: int) -> None:
@@ -189,7 +186,7 @@ def _read_all(fd: int) -> bytes:
 
 
 def _remove_state_dir(directory: str) -> None:
-    for name in (STATE_NAME, FIFO_NAME, f".{STATE_NAME}.tmp"):
+    for name in (STATE_NAME, FIFO_NAME):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, name))
     with contextlib.suppress(FileNotFoundError):
@@ -404,7 +401,7 @@ def _container_process(
         finally:
             os._exit(1)
     try:
-        fd = os.open(fifo, os.O_WRONLY | os.O_CLOEXEC)  # blocks until `start`
+        fd = os.open(fifo, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # blocks until `start`
         os.write(fd, b"0")
         os.close(fd)
     except OSError:
@@ -453,7 +450,7 @@ def start(inv: Invocation, state: WasmState, log: RuntimeLog) -> int:
     if status != "created":
         raise RuntimeFailure("cannot start an already running container")
     fifo = os.path.join(state.directory, FIFO_NAME)
-    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     data = b""
     try:
         poller = select.poll()
