@@ -197,7 +197,7 @@ def create(inv: Invocation, planned: Plan, log: RuntimeLog) -> int:
     """``create``: fork the container process, wait until it is ready, record it."""
     cid = inv.args[0]
     if not valid_id(cid):
-        raise RuntimeFailure(f"invalid container id format: {cid}")
+        raise RuntimeFailure("invalid container ID format")  # runc's words
     os.makedirs(inv.root, mode=0o711, exist_ok=True)
     directory = container_dir(inv.root, cid)
     try:
