@@ -200,16 +200,43 @@ def _enable_v2_controllers(mountpoint: str, directory: str, wanted: Iterable[str
             return
 
 
+def _mkdirs(directory: str, made: list[str]) -> None:
+    """``os.makedirs`` that appends each directory it creates (parents first) to ``made``."""
+    missing: list[str] = []
+    current = directory
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: theirs, not ours to remove
+        made.append(path)
+
+
 def create(
     path: str,
     *,
     memory_limit: int | None = None,
     pids_limit: int | None = None,
     found: list[Hierarchy] | None = None,
+    made: list[str] | None = None,
 ) -> list[str]:
     """Create ``path`` (from `resolve`) in every hierarchy and apply the limits; returns the
-    directories created (the leaves, which `remove` deletes). Raises `CgroupError`."""
-    made: list[str] = []
+    leaf directories (which `join` joins and ``delete`` removes). Raises `CgroupError`, having
+    removed every directory it created.
+
+    ``made``, when given, receives every directory created (ancestors and leaves, parents
+    first) as soon as it exists: a caller interrupted midway (a signal) or failing later
+    removes exactly those with ``remove(reversed(made))``, and nothing that was there before.
+    """
+    created: list[str] = [] if made is None else made
+    start = len(created)
+    leaves: list[str] = []
     try:
         for h in hierarchies() if found is None else found:
             if path.startswith("./"):
@@ -220,17 +247,18 @@ def create(
             if h.version == 2:
                 # every ancestor must exist and delegate the controllers before the leaf
                 # gets its interface files (memory.max, pids.max)
-                os.makedirs(os.path.dirname(directory), exist_ok=True)
+                _mkdirs(os.path.dirname(directory), created)
                 _enable_v2_controllers(h.mountpoint, directory, ("memory", "pids"))
-            os.makedirs(directory, exist_ok=True)
-            made.append(directory)
+            _mkdirs(directory, created)
+            leaves.append(directory)
             if h.version == 1 and "cpuset" in h.controllers:
                 _cpuset_inherit(directory)
             _limits(h, directory, memory_limit, pids_limit)
     except OSError as exc:
-        remove(made)
+        remove(reversed(created[start:]))
+        del created[start:]
         raise CgroupError(f"cannot set up cgroup {path}: {exc}") from exc
-    return made
+    return leaves
 
 
 def _limits(h: Hierarchy, directory: str, memory: int | None, pids: int | None) -> None:

@@ -193,45 +193,77 @@ def _remove_state_dir(directory: str) -> None:
         os.rmdir(directory)
 
 
+class _Undo:
+    """What a ``create`` in progress has made, so that any failure takes all of it back: the
+    container process (killed and reaped) and every cgroup directory created (ancestors
+    included, in creation order), filled in as each comes to exist."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.cgroups: list[str] = []
+
+    def rollback(self, directory: str) -> None:
+        if self.pid:  # spawned but not recorded: it must not wait on the fifo forever
+            _kill_and_reap(self.pid)
+            self.pid = 0
+        cgroups.remove(reversed(self.cgroups))  # leaves first, then the ancestors we made
+        self.cgroups.clear()
+        with contextlib.suppress(OSError):  # a name planted in it is not ours to remove
+            _remove_state_dir(directory)
+
+
+# Signals that stop a `create` in progress: each becomes a RuntimeFailure at the point where
+# create is (usually waiting for the container process), so its rollback runs. SIGKILL
+# cannot be caught: that leaves the cgroups and the container process, as it does for runc.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise RuntimeFailure(f"create interrupted by {signal.Signals(signum).name}")
+
+
 def create(inv: Invocation, planned: Plan, log: RuntimeLog) -> int:
-    """``create``: fork the container process, wait until it is ready, record it."""
+    """``create``: fork the container process, wait until it is ready, record it.
+
+    Any failure (a signal included) kills and reaps the container process and removes every
+    cgroup directory and the state directory this call made."""
     cid = inv.args[0]
     if not valid_id(cid):
         raise RuntimeFailure("invalid container ID format")  # runc's words
     os.makedirs(inv.root, mode=0o711, exist_ok=True)
     directory = container_dir(inv.root, cid)
+    undo = _Undo()
+    previous = {sig: signal.signal(sig, _interrupted) for sig in _STOP_SIGNALS}
     try:
-        os.mkdir(directory, 0o711)
-    except FileExistsError:
-        raise RuntimeFailure(f"container with id exists: {cid}") from None
-    made: list[str] = []
-    pid = 0
-    try:
-        pid, made = _spawn(inv, planned, directory, log)
-        stat = proc_stat(pid)
-        if stat is None:
-            raise RuntimeFailure("container process exited during create")
-        bundle = planned.bundle
-        WasmState(
-            id=cid,
-            pid=pid,
-            pid_start=stat[1],
-            bundle=planned.directory,
-            rootfs=str(bundle.rootfs),
-            created=_now_rfc3339(),
-            annotations=dict(bundle.spec.annotations or {}),
-            cgroups=made,
-        ).save(directory)
-        pid_file = inv.value("pid-file")
-        if pid_file:
-            _write_pid_file(pid_file, pid)
-    except BaseException:
-        if pid:  # spawned but not recorded (pid file, state): it must not wait on the fifo
-            _kill_and_reap(pid)
-        if made:
-            cgroups.remove(made)
-        _remove_state_dir(directory)
-        raise
+        try:
+            os.mkdir(directory, 0o711)
+        except FileExistsError:
+            raise RuntimeFailure(f"container with id exists: {cid}") from None
+        try:
+            leaves = _spawn(inv, planned, directory, log, undo)
+            stat = proc_stat(undo.pid)
+            if stat is None:
+                raise RuntimeFailure("container process exited during create")
+            bundle = planned.bundle
+            WasmState(
+                id=cid,
+                pid=undo.pid,
+                pid_start=stat[1],
+                bundle=planned.directory,
+                rootfs=str(bundle.rootfs),
+                created=_now_rfc3339(),
+                annotations=dict(bundle.spec.annotations or {}),
+                cgroups=leaves,
+            ).save(directory)
+            pid_file = inv.value("pid-file")
+            if pid_file:
+                _write_pid_file(pid_file, undo.pid)
+        except BaseException:
+            undo.rollback(directory)
+            raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
@@ -244,8 +276,10 @@ def _kill_and_reap(pid: int) -> None:
 
 
 def _spawn(
-    inv: Invocation, planned: Plan, directory: str, log: RuntimeLog
-) -> tuple[int, list[str]]:
+    inv: Invocation, planned: Plan, directory: str, log: RuntimeLog, undo: _Undo
+) -> list[str]:
+    """Fork the container process and wait for its "ready"; returns the cgroup leaves.
+    Everything made is recorded in ``undo`` as it is made (the caller rolls back)."""
     spec = planned.bundle.spec
     process = spec.process
     terminal = bool(process is not None and process.terminal)
@@ -272,7 +306,11 @@ def _spawn(
             linux.cgroups_path if linux is not None else None,
             systemd=inv.global_options.get("systemd-cgroup") is True,
         )
-        made = [] if path is None else cgroups.create(path, memory_limit=memory, pids_limit=pids)
+        leaves = (
+            []
+            if path is None
+            else cgroups.create(path, memory_limit=memory, pids_limit=pids, made=undo.cgroups)
+        )
     except cgroups.CgroupError as exc:
         raise RuntimeFailure(str(exc)) from exc
 
@@ -283,33 +321,46 @@ def _spawn(
         master, slave = os.openpty()
         try:
             _send_console(console_socket, master)
+        except BaseException:
+            os.close(slave)
+            raise
         finally:
             os.close(master)
     ready_r, ready_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
+    # No stop signal between the fork and the child's own dispositions: the child must never
+    # run create's rollback, and the parent must know the pid before it can be interrupted.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         pid = os.fork()
-    except OSError:
-        cgroups.remove(made)
-        raise
-    if pid == 0:  # pragma: no cover - runs in the container process
+        if pid == 0:  # pragma: no cover - runs in the container process
+            for sig in _STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            os.close(ready_r)
+            _container_process(planned, inv, fifo, ready_w, keep, leaves, slave, log)
+        undo.pid = pid
+    except BaseException:
         os.close(ready_r)
-        _container_process(planned, inv, fifo, ready_w, keep, made, slave, log)
+        os.close(ready_w)
+        if slave is not None:
+            os.close(slave)
+        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     os.close(ready_w)
     if slave is not None:
         os.close(slave)
-    if made:
-        cgroups.prewarm()  # the container process joins `made` once prepared
     try:
+        if leaves:
+            cgroups.prewarm()  # the container process joins `leaves` once prepared
         answer = _read_all(ready_r)
     finally:
         os.close(ready_r)
     if answer != b"ok":
-        os.waitpid(pid, 0)
-        cgroups.remove(made)
         raise RuntimeFailure(answer.decode(errors="replace") or "container process died")
-    return pid, made
+    return leaves
 
 
 # ------------------------------------------------------------------------------ the container
