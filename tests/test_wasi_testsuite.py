@@ -100,6 +100,7 @@ def _mini_suite(root: Path) -> Path:
         "read-root": ("files", {"root": "data.dir", "args": ["read", "greeting.txt"]}),
         "write-root": ("files", {"root": "data.dir", "args": ["write", "new.txt", "x"]}),
         "exit-code": ("exit", {"args": ["33"], "exit_code": 33}),
+        "legacy-dirs": ("files", {"dirs": ["data.dir"], "args": ["read", "data.dir/greeting.txt"]}),
         "env-only": ("env", {"env": {"A": "1"}}),
         "argv": ("args", {"args": ["a b", "c"]}),
         "wrong-stdout": ("args", {"stdout": "nope"}),
@@ -125,6 +126,8 @@ def _mini_suite(root: Path) -> Path:
         _write(tests / f"{name}.json", spec)
     # expectations that need the guest's own output
     _write(tests / "read-root.json", {**cases["read-root"][1], "stdout": "hi there\n"})
+    legacy = {**cases["legacy-dirs"][1], "stdout": "hi there\n"}
+    _write(tests / "legacy-dirs.json", legacy)
     _write(tests / "env-only.json", {"env": {"A": "1"}, "stdout": "A=1\n"})
     _write(tests / "argv.json", {"args": ["a b", "c"], "stdout": "3\n/argv.wasm\na b\nc\n"})
     return root
@@ -181,14 +184,14 @@ def test_runner_scores_a_suite_through_the_cli(tmp_path: Path) -> None:
     root = _mini_suite(tmp_path / "suite")
     before = sorted(p.name for p in (root / "c" / "wasm32-wasip1" / "data.dir").iterdir())
     specs = suite.discover(root)
-    assert len(specs) == 9
+    assert len(specs) == 10
     score = suite.run_suite(specs, ["wasmtime"], timeout=120)["wasmtime"]
     failed = {r.test_id.rsplit("/", 1)[1]: r.reason for r in score.failures}
     assert set(failed) == {"wrong-stdout", "wrong-exit"}
     assert "expected 'nope'" in failed["wrong-stdout"]
     assert "exit code 3, expected 0" in failed["wrong-exit"]
     assert [r.test_id.rsplit("/", 1)[1] for r in score.skips] == ["socket"]
-    assert (score.passed, score.failed, score.skipped) == (6, 2, 1)
+    assert (score.passed, score.failed, score.skipped) == (7, 2, 1)
     # the guest wrote into a copy: the suite is unchanged
     after = sorted(p.name for p in (root / "c" / "wasm32-wasip1" / "data.dir").iterdir())
     assert after == before

@@ -346,10 +346,13 @@ def run_test(
     if spec.skip is not None:
         return TestResult(engine, spec.test_id, "skip", spec.skip)
     with tempfile.TemporaryDirectory(prefix="wasi-testsuite-") as tmp:
-        bundle = write_test_bundle(spec, Path(tmp) / "bundle")
-        command = [str(cli), "run", "--engine", engine, "--cache", str(cache), str(bundle)]
         start = time.monotonic()
-        code, out_bytes, err_bytes = _run_cli(command, spec.stdin.encode(), timeout)
+        try:
+            bundle = write_test_bundle(spec, Path(tmp) / "bundle")
+            command = [str(cli), "run", "--engine", engine, "--cache", str(cache), str(bundle)]
+            code, out_bytes, err_bytes = _run_cli(command, spec.stdin.encode(), timeout)
+        except OSError as exc:  # the runner's own failure: reported, the other tests go on
+            return TestResult(engine, spec.test_id, "fail", f"runner: {exc}")
         seconds = time.monotonic() - start
     out, err = _text_of(out_bytes), _text_of(err_bytes)
     problems: list[str] = []
