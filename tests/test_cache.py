@@ -162,7 +162,8 @@ def test_with_precompiled_sets_the_path(
     workload = Workload(wasm=path, stdout=Stdio.capture())
     prepared = cache.with_precompiled(engine, workload)
     assert isinstance(prepared.precompiled, Path)
-    assert prepared.precompiled.parent == _entries_dir(cache)
+    (entry,) = _entries_dir(cache).glob("*.art")
+    assert os.path.samefile(prepared.precompiled, entry)  # the very file, through its fd
     assert engine.run(prepared).stdout == b"hello from the cache\n"
     # a workload that already has an artifact is left alone
     assert cache.with_precompiled(engine, prepared) is prepared
@@ -310,8 +311,9 @@ def test_damaged_artifact_is_discarded_and_recompiled(
     good = cache.artifact(engine, hello)
     assert good is not None
     assert callable(damage)
-    damage(good.path)
-    damaged_sha = hashlib.sha256(good.path.read_bytes()).hexdigest() if good.path.exists() else ""
+    entry = _entries_dir(cache) / f"{good.key}.art"
+    damage(entry)
+    damaged_sha = hashlib.sha256(entry.read_bytes()).hexdigest() if entry.exists() else ""
     user = PrecompileCache(cache_dir) if fresh_instance else cache
     with caplog.at_level(logging.WARNING, logger="wasidispatch.cache"):
         again = user.artifact(engine, hello)
@@ -449,7 +451,7 @@ def test_writer_killed_mid_write_leaves_no_entry(
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     leftovers = sorted(p.name for p in (cache_dir / "v1" / "entries").iterdir())
-    assert any(n.startswith(".tmp-") for n in leftovers)  # it really died mid-write
+    assert any(n.startswith(".") and n.endswith(".tmp") for n in leftovers)  # died mid-write
     cache = PrecompileCache(cache_dir)
     assert cache.entries() == []
     assert not [n for n in leftovers if n.endswith(".json")]
@@ -636,7 +638,7 @@ def test_least_recently_used_goes_first(cache_dir: Path) -> None:
     c = cache.artifact(fake, _module(3))
     assert c is not None
     assert [e.key for e in cache.entries()] == [a.key, c.key]
-    assert not b.path.exists()
+    assert not (_entries_dir(cache) / f"{b.key}.art").exists()
     assert not (_entries_dir(cache) / f"{b.key}.lock").exists()
     stats = cache.stats()
     assert (stats.evictions, stats.entries, stats.bytes) == (1, 2, 2000)
@@ -686,7 +688,7 @@ def test_clear_removes_entries_and_resets_counters(
     assert art is not None
     assert cache.artifact(engine, hello) is not None
     assert cache.clear() == 1
-    assert not art.path.exists()
+    assert not (_entries_dir(cache) / f"{art.key}.art").exists()
     assert cache.stats() == type(cache.stats())(max_bytes=cache.max_bytes)
     assert [p.name for p in _entries_dir(cache).iterdir()] == []
     again = cache.artifact(engine, hello)
@@ -697,16 +699,18 @@ def test_clear_removes_entries_and_resets_counters(
 def test_stale_leftovers_are_swept(cache: PrecompileCache, hello: bytes) -> None:
     entries = _entries_dir(cache)
     stale_tmp, fresh_tmp = entries / ".tmp-stale", entries / ".tmp-fresh"
+    stale_new = entries / f".{'cd' * 32}.art.0123456789ab.tmp"  # _fs.write_atomic's pattern
     orphan = entries / ("ab" * 32 + ".art")
-    for p in (stale_tmp, fresh_tmp, orphan):
+    for p in (stale_tmp, fresh_tmp, orphan, stale_new):
         p.write_bytes(b"partial")
     old = time.time_ns() - 2 * 3600 * 10**9
-    for p in (stale_tmp, orphan):
+    for p in (stale_tmp, orphan, stale_new):
         os.utime(p, ns=(old, old))
     assert cache.artifact(Fake(), hello) is not None  # an insertion sweeps
     names = {p.name for p in entries.iterdir()}
     assert fresh_tmp.name in names  # may belong to a writer at work
     assert stale_tmp.name not in names
+    assert stale_new.name not in names
     assert orphan.name not in names
 
 
@@ -847,3 +851,210 @@ def test_failing_housekeeping_does_not_fail_a_committed_entry(
     assert cache.session_stats().misses == 1
     with pytest.raises(CacheError, match="cannot update cache counters"):
         cache.stats()
+
+
+# -- planted files and swapped directories (issue 11, item 1) -----------------------------------
+
+EVIL_WAT = HELLO_WAT.replace("hello from the cache", "EVIL planted module!")
+
+
+@pytest.fixture(scope="module")
+def evil() -> bytes:
+    return bytes(wasmtime.wat2wasm(EVIL_WAT))
+
+
+def _key_of(engine: WasmtimeEngine, wasm: bytes) -> str:
+    return cache_key(
+        engine.name, engine.fingerprint(), "sha256:" + hashlib.sha256(wasm).hexdigest()
+    )
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    """A file outside the cache that no cache write may reach."""
+    path = tmp_path / "victim"
+    path.write_bytes(b"precious\n")
+    return path
+
+
+@pytest.mark.parametrize("where", ["entries", "v1", "top"])
+@pytest.mark.parametrize("name", ["{key}.art", "{key}.json", "stats.json", "CACHEDIR.TAG"])
+def test_a_symlink_planted_at_a_final_name_is_replaced_not_followed(
+    cache_dir: Path,
+    engine: WasmtimeEngine,
+    hello: bytes,
+    victim: Path,
+    where: str,
+    name: str,
+) -> None:
+    key = _key_of(engine, hello)
+    directory = {"entries": cache_dir / "v1" / "entries", "v1": cache_dir / "v1", "top": cache_dir}
+    PrecompileCache(cache_dir).clear()
+    (cache_dir / "CACHEDIR.TAG").unlink()
+    planted = directory[where] / name.format(key=key)
+    os.symlink(victim, planted)
+    cache = PrecompileCache(cache_dir)
+    art = cache.artifact(engine, hello)
+    assert art is not None
+    cache.flush()
+    assert cache.stats().entries == 1
+    assert victim.read_bytes() == b"precious\n"
+    assert _run(engine, hello, art) == b"hello from the cache\n"
+
+
+@pytest.mark.parametrize("name", ["{key}.lock", ".lock"])
+def test_a_symlink_planted_at_a_lock_name_is_never_followed(
+    cache_dir: Path,
+    engine: WasmtimeEngine,
+    hello: bytes,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+) -> None:
+    key = _key_of(engine, hello)
+    cache = PrecompileCache(cache_dir)
+    folder = cache_dir / "v1" / ("entries" if name.startswith("{") else "")
+    missing = tmp_path / "not-created"
+    for target in (missing, tmp_path / "victim-lock"):
+        planted = folder / name.format(key=key)
+        planted.unlink(missing_ok=True)
+        os.symlink(target, planted)
+        if target.name == "victim-lock":
+            target.write_bytes(b"precious\n")
+        workload = Workload(wasm=hello, stdout=Stdio.capture(), stderr=Stdio.null())
+        with caplog.at_level(logging.WARNING, logger="wasidispatch.cache"):
+            ran = engine.run(cache.with_precompiled(engine, workload))
+        assert ran.stdout == b"hello from the cache\n"
+    assert not missing.exists()  # O_CREAT through the symlink would have made it
+    assert (tmp_path / "victim-lock").read_bytes() == b"precious\n"
+
+
+def test_a_file_planted_at_the_temporary_name_is_never_written(
+    cache_dir: Path,
+    engine: WasmtimeEngine,
+    hello: bytes,
+    victim: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import secrets  # where wasidispatch._fs draws its temporary names
+
+    key = _key_of(engine, hello)
+    cache = PrecompileCache(cache_dir)
+    tokens = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"] * 8)
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(tokens))
+    entries, base = cache_dir / "v1" / "entries", cache_dir / "v1"
+    planted = [
+        entries / f".{key}.art.aaaaaaaaaaaa.tmp",
+        entries / f".{key}.json.aaaaaaaaaaaa.tmp",
+        base / ".stats.json.aaaaaaaaaaaa.tmp",
+    ]
+    for p in planted:
+        os.symlink(victim, p)
+    art = cache.artifact(engine, hello)
+    assert art is not None
+    cache.flush()
+    assert victim.read_bytes() == b"precious\n"
+    assert all(p.is_symlink() for p in planted)  # left alone, another name was used
+    assert cache.stats().misses == 1
+    assert _run(engine, hello, art) == b"hello from the cache\n"
+
+
+def _plant_entry(
+    engine: WasmtimeEngine, directory: Path, key: str, hello: bytes, evil: bytes
+) -> None:
+    """Make ``directory`` a cache whose valid-looking entry ``key`` (the key of ``hello``)
+    holds a real artifact of the ``evil`` module."""
+    other = PrecompileCache(directory)
+    made = other.artifact(engine, evil)
+    assert made is not None
+    entries = directory / "v1" / "entries"
+    os.rename(entries / f"{made.key}.art", entries / f"{key}.art")
+    record = json.loads((entries / f"{made.key}.json").read_text())
+    record.update(key=key, module="sha256:" + hashlib.sha256(hello).hexdigest())
+    (entries / f"{made.key}.json").unlink()
+    (entries / f"{key}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("swapped", ["", "v1", "v1/entries"])
+@pytest.mark.parametrize("used_before", [False, True])
+def test_a_directory_swapped_after_construction_cannot_hand_out_another_module(
+    tmp_path: Path,
+    engine: WasmtimeEngine,
+    hello: bytes,
+    evil: bytes,
+    swapped: str,
+    used_before: bool,
+) -> None:
+    key = _key_of(engine, hello)
+    attacker = tmp_path / "attacker"
+    _plant_entry(engine, attacker, key, hello, evil)
+    assert _run(engine, evil, PrecompileCache(attacker).artifact(engine, hello)) == (  # type: ignore[arg-type]
+        b"EVIL planted module!\n"
+    )  # the planted entry is valid: any cache reading it would run it
+
+    cache_dir = tmp_path / "cache"
+    cache = PrecompileCache(cache_dir)  # the long-lived instance
+    if used_before:
+        first = cache.artifact(engine, hello)
+        assert first is not None
+        assert _run(engine, hello, first) == b"hello from the cache\n"
+    target = cache_dir / swapped if swapped else cache_dir
+    os.rename(target, target.with_name(target.name + ".away"))
+    os.symlink(attacker / swapped if swapped else attacker, target)
+
+    for _ in range(2):
+        art = cache.artifact(engine, hello)
+        assert art is not None
+        assert _run(engine, hello, art) == b"hello from the cache\n"
+        workload = Workload(wasm=hello, stdout=Stdio.capture(), stderr=Stdio.null())
+        assert engine.run(cache.with_precompiled(engine, workload)).stdout == (
+            b"hello from the cache\n"
+        )
+
+
+_PLANTED_READ = textwrap.dedent(
+    """
+    import resource, sys
+    from pathlib import Path
+    from wasidispatch.cache import PrecompileCache
+    from wasidispatch.engines.wasmtime import WasmtimeEngine
+
+    engine = WasmtimeEngine()
+    cache = PrecompileCache(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # reading 4 GiB fails
+    art = cache.artifact(engine, Path(sys.argv[2]))
+    print(art.hit, cache.stats().entries)
+    """
+)
+
+
+@pytest.mark.parametrize("what", ["fifo", "zero", "huge"])
+@pytest.mark.parametrize("name", ["{key}.json", "stats.json"])
+def test_a_record_that_is_a_fifo_or_endless_neither_hangs_nor_eats_memory(
+    cache_dir: Path, engine: WasmtimeEngine, hello: bytes, tmp_path: Path, what: str, name: str
+) -> None:
+    key = _key_of(engine, hello)
+    PrecompileCache(cache_dir)
+    folder = cache_dir / "v1" / ("entries" if name.startswith("{") else "")
+    planted = folder / name.format(key=key)
+    if what == "fifo":
+        os.mkfifo(planted)
+    elif what == "zero":
+        os.symlink("/dev/zero", planted)
+    else:
+        with planted.open("wb") as f:
+            f.truncate(4 << 30)  # sparse: 4 GiB of zeros, over the child's address space
+    wasm = tmp_path / "hello.wasm"
+    wasm.write_bytes(hello)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PLANTED_READ, str(cache_dir), str(wasm)],
+        capture_output=True,
+        timeout=120,  # a bound on a hang, not a measurement
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout == b"False 1\n"  # compiled and stored, the planted name discarded
+    art = PrecompileCache(cache_dir).artifact(engine, hello)
+    assert art is not None
+    assert art.hit
+    assert _run(engine, hello, art) == b"hello from the cache\n"

@@ -21,28 +21,48 @@ Layout (under ``directory``, default ``$XDG_CACHE_HOME/wasidispatch``)::
     v1/entries/KEY.json    the commit record: engine, fingerprint, module digest, size, sha256
     v1/entries/KEY.lock    per-entry compile lock (fcntl.flock)
 
-Writes are atomic: a temp file in the same directory, ``fsync``, ``rename``, ``fsync`` of the
-directory; the artifact is renamed first and the record last, and an entry exists only once its
-record does. A writer killed at any point leaves either no entry or a whole one (at most an
-unreferenced ``.tmp-*`` or ``.art`` file, swept by eviction and `PrecompileCache.clear`).
+Writes go through `wasidispatch._fs.write_atomic`: a fresh temporary name created with
+``O_EXCL | O_NOFOLLOW``, ``fsync``, ``rename``, ``fsync`` of the directory, so a symlink or a
+file planted at the final or the temporary name is never followed or truncated. The artifact
+is renamed first and the record last, and an entry exists only once its record does. A writer
+killed at any point leaves either no entry or a whole one (at most an unreferenced temporary
+or ``.art`` file, swept by eviction and `PrecompileCache.clear`). Lock files are opened with
+``O_NOFOLLOW`` and never truncated; records and counters are read only as regular files of at
+most 64 KiB (`wasidispatch._fs.read_regular`): a FIFO or a ``/dev/zero`` there is a discarded
+entry, not a hang.
 
 Integrity
     The record holds the artifact's sha256, checked before the artifact is handed out; a
-    mismatch, a truncated or missing artifact, or a record of another entry is discarded,
-    logged (logger ``wasidispatch.cache``), counted as a corruption and recompiled; it never
-    reaches an engine's deserialize. Hashing a multi-megabyte artifact costs milliseconds, so
-    each instance hashes a file once and afterwards re-checks its identity ``(device, inode,
-    size, mtime_ns, ctime_ns)`` with one ``stat``: any write or replacement changes the inode or
-    the ctime, which a process cannot set back.
+    mismatch, a truncated or missing artifact, an unreadable record (wrong types, NaN, deep
+    nesting) or a record of another entry is discarded, logged (logger
+    ``wasidispatch.cache``), counted as a corruption and recompiled; it never reaches an
+    engine's deserialize. Hashing a multi-megabyte artifact costs milliseconds, so each
+    instance hashes a file once and afterwards re-checks its identity ``(device, inode,
+    size, mtime_ns, ctime_ns)`` with one ``stat``: any write or replacement changes the inode
+    or the ctime, which a process cannot set back. Likewise the digest of a Wasm module given
+    as a path is remembered per file identity, so a warm run does not read the module again.
 
-Trust and the remaining window
+Trust, and directories held open
     Deserializing a wasmtime artifact runs native code it contains, so the directory must be
     one only this user can write: it is created 0700, and a directory that is group- or
-    world-writable, or owned by another user, is refused with `CacheError`. Between the check
-    and the engine opening the path there is a window in which the file could be replaced; only
-    this user (or root) can write in the directory, and they can already change this process
-    directly, so the window gives nobody new power. Callers that want no window at all use
+    world-writable, or owned by another user, is refused with `CacheError`. The checks are
+    made on descriptors of the directory, ``v1/`` and ``v1/entries/`` (the last two opened
+    with ``O_NOFOLLOW``) that the instance keeps open: every later open, stat, rename and
+    unlink is relative to them, so a long-lived instance whose directory is renamed away and
+    replaced (by a symlink to another directory, say) keeps using the directory it checked.
+    The path handed to the engine is ``/proc/self/fd/N`` of the artifact file that was
+    hashed, kept open as long as the `CachedArtifact`'s path object lives: the engine maps
+    the very file that was verified, whatever happens to the entry's name meanwhile (without
+    ``/proc`` it is the entry's path, and a window remains in which only this user, or root,
+    could replace the file). Callers that want no window at all even then use
     :meth:`CachedArtifact.read_bytes`, which returns bytes hashed after they were read.
+
+An optimisation, never a failure
+    When an entry cannot be written (a full or read-only file system, permissions, I/O
+    errors), :meth:`PrecompileCache.with_precompiled` logs a warning once per cause and
+    returns the workload with the compiled bytes as ``precompiled``: the workload runs,
+    uncached. :meth:`PrecompileCache.artifact` (used by ``wasidispatch cache warm``) raises
+    `CacheError` instead.
 
 Concurrency
     Threads and processes asking for the same missing entry serialize on its ``flock`` (one
@@ -54,10 +74,9 @@ Size and eviction
     ``max_bytes`` bounds the sum of artifact sizes; after each insertion the least recently
     used entries go first. "Used" is the record's mtime, set explicitly (not atime, which
     relatime makes unreliable) on creation and on hits (at most once a second per entry and
-    instance). The entry just written is never evicted by its own insertion. Another process
-    may evict an entry between its hand-out and the engine opening the path; the engine then
-    fails to read it (wasmtime: `IncompatibleArtifact`), and asking the cache again recompiles.
-    A bound of many artifacts, not a few, keeps that rare.
+    instance). The entry just written is never evicted by its own insertion. An artifact
+    handed out stays readable through its ``/proc/self/fd`` path even if another process
+    evicts the entry meanwhile; the next lookup then compiles it again.
 
 Counters
     `PrecompileCache.stats` returns counters persisted in ``stats.json`` across processes and
@@ -106,9 +125,10 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 
+from wasidispatch._fs import read_regular, write_atomic
 from wasidispatch.errors import CacheError, SpecError
 
 if TYPE_CHECKING:
@@ -205,6 +225,8 @@ def cache_key(engine_name: str, fingerprint: str, module_digest: str) -> str:
 
 def _normalize_digest(digest: str) -> tuple[str, str]:
     """``(algorithm, hex)`` of an OCI digest (``sha256:...``, ``sha512:...``) or bare sha256 hex."""
+    if not isinstance(digest, str):
+        raise SpecError(f"a digest is a string such as 'sha256:<hex>', not {type(digest).__name__}")
     if re.fullmatch(r"[0-9a-fA-F]{64}", digest):
         return "sha256", digest.lower()
     m = _DIGEST_RE.fullmatch(digest)
@@ -304,6 +326,83 @@ class _Corrupt:
 
 
 _COUNTER_NAMES = ("hits", "misses", "evictions", "corruptions")
+_RECORD_LIMIT = 64 << 10  # a record is ~400 bytes; anything near this is not one of ours
+_VERIFIED_MAX = 64  # verified artifacts kept open per instance (each holds a descriptor)
+_DIGESTS_MAX = 1024  # module digests remembered per file identity
+#: A file changed less than this long before it was hashed may change again within the same
+#: timestamp tick without its identity changing; its digest is not remembered (racy git).
+_RACY_NS = 2_000_000_000
+
+_PROC_FD: bool | None = None
+
+
+def _proc_fd() -> bool:
+    """Whether ``/proc/self/fd`` names this process's descriptors (Linux with /proc)."""
+    global _PROC_FD
+    if _PROC_FD is None:
+        _PROC_FD = os.path.isdir("/proc/self/fd")
+    return _PROC_FD
+
+
+class _Dir:
+    """A directory held open since it was checked: every name is looked up in that very
+    directory (``dir_fd=``), whatever is renamed or planted at its path afterwards.
+
+    ``path(name)`` is ``/proc/self/fd/N/name`` for the `wasidispatch._fs` functions, which
+    take paths; without ``/proc`` it falls back to the directory's path.
+    """
+
+    __slots__ = ("fd", "shown")
+
+    def __init__(self, fd: int, shown: Path) -> None:
+        self.fd = fd
+        self.shown = shown
+
+    def path(self, name: str) -> Path:
+        if _proc_fd():
+            return Path(f"/proc/self/fd/{self.fd}/{name}")
+        return self.shown / name
+
+    def say(self, exc: object) -> str:
+        """``exc``'s message with the ``/proc/self/fd`` paths of `path` as the real ones."""
+        return str(exc).replace(f"/proc/self/fd/{self.fd}/", f"{self.shown}/")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+class _Pin:
+    """An open, verified artifact file; closed when nothing refers to it any more."""
+
+    __slots__ = ("__weakref__", "fd")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        weakref.finalize(self, os.close, fd)
+
+
+class _PinnedPath(PosixPath):
+    """``/proc/self/fd/N`` of a verified artifact, keeping descriptor N open while it lives.
+
+    Handing the engine this path (instead of the entry's name) means it maps the very file
+    that was hashed: renaming, replacing or evicting the entry, or swapping a directory
+    above it, cannot substitute another file. Copies made with ``str()`` do not keep the
+    descriptor open.
+    """
+
+    _pin: _Pin
+
+
+def _pinned(fd: int, fallback: Path) -> Path:
+    """The path to give the engine for the open artifact ``fd`` (which it takes over)."""
+    if not _proc_fd():
+        os.close(fd)
+        return fallback
+    path = _PinnedPath(f"/proc/self/fd/{fd}")
+    path._pin = _Pin(fd)
+    return path
 
 
 class _Counters:
@@ -320,72 +419,100 @@ class _Counters:
             self.pending[name] += n
             self.session[name] += n
 
-    def flush(self, base: Path) -> dict[str, int]:
+    def flush(self, base: _Dir) -> dict[str, int]:
         """Add pending counts to ``stats.json``; return the new totals."""
         with self.lock:
             pending = dict(self.pending)
             for name in _COUNTER_NAMES:
                 self.pending[name] = 0
             self.last_flush_ns = time.monotonic_ns()
+        if not any(pending.values()):
+            # Nothing to add: a plain read (the file is replaced whole), which also works in
+            # a read-only cache.
+            return _read_counters(base)
         try:
-            with _FileLock(base / ".lock"):
-                totals = _read_counters(base / "stats.json")
-                if any(pending.values()):
-                    for name in _COUNTER_NAMES:
-                        totals[name] += pending[name]
-                    _write_atomic(base, "stats.json", json.dumps(totals).encode(), durable=False)
+            with _FileLock(base, ".lock"):
+                totals = _read_counters(base)
+                for name in _COUNTER_NAMES:
+                    totals[name] += pending[name]
+                data = json.dumps(totals).encode()
+                write_atomic(base.path("stats.json"), data, mode=0o600)
         except OSError as exc:
             with self.lock:  # keep the counts for the next try
                 for name in _COUNTER_NAMES:
                     self.pending[name] += pending[name]
-            raise CacheError(f"cannot update cache counters in {base}: {exc}") from exc
+            raise CacheError(
+                f"cannot update cache counters in {base.shown}: {base.say(exc)}"
+            ) from exc
         return totals
 
 
-def _flush_at_exit(counters: _Counters, base: Path) -> None:
-    if any(counters.pending.values()):
-        with contextlib.suppress(Exception):  # best effort at interpreter exit
-            counters.flush(base)
+def _finish(counters: _Counters, dirs: tuple[_Dir, ...]) -> None:
+    """The instance is gone (or the interpreter exits): flush what is pending, close dirs."""
+    try:
+        if any(counters.pending.values()):
+            with contextlib.suppress(Exception):  # best effort
+                counters.flush(dirs[0])
+    finally:
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                d.close()
 
 
-def _read_counters(path: Path) -> dict[str, int]:
+def _read_counters(base: _Dir) -> dict[str, int]:
     totals = dict.fromkeys(_COUNTER_NAMES, 0)
     try:
-        raw: Any = json.loads(path.read_bytes())
-    except FileNotFoundError:
+        raw: Any = json.loads(
+            read_regular(
+                base.path("stats.json"),
+                limit=_RECORD_LIMIT,
+                what="cache counters",
+                error=CacheError,
+                follow=False,
+            )
+        )
+    except CacheError as exc:
+        if not isinstance(exc.__cause__, FileNotFoundError):
+            _log().warning("ignoring unreadable cache counters: %s", base.say(exc))
         return totals
-    except ValueError:
-        _log().warning("ignoring unreadable cache counters %s", path)
+    except (ValueError, RecursionError):
+        _log().warning("ignoring unreadable cache counters in %s", base.shown)
         return totals
     if isinstance(raw, dict):
         for name in _COUNTER_NAMES:
             value = raw.get(name)
-            if isinstance(value, int) and value >= 0:
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 totals[name] = value
     return totals
 
 
 class _FileLock:
-    """An exclusive ``flock`` on ``path``, robust against the lock file being unlinked.
+    """An exclusive ``flock`` on ``name`` in ``directory``, robust against the lock file
+    being unlinked.
 
     Each acquisition opens its own file description, so two threads of one process exclude
-    each other as two processes do. After locking, the path must still name the locked inode;
-    if someone unlinked it meanwhile (eviction), the lock is retaken on the new file.
+    each other as two processes do. The file is opened without following a symlink and
+    never truncated, and anything but a regular file at the name is refused (`OSError`), so
+    a planted name is never written through. After locking, the name must still be the
+    locked inode; if someone unlinked it meanwhile (eviction), the lock is retaken.
     """
 
-    def __init__(self, path: Path, *, blocking: bool = True) -> None:
-        self.path = path
+    def __init__(self, directory: _Dir, name: str, *, blocking: bool = True) -> None:
+        self.dir = directory
+        self.name = name
         self.blocking = blocking
         self.fd: int | None = None
 
     def acquire(self) -> bool:
         import fcntl  # only a miss or eviction locks
 
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         op = fcntl.LOCK_EX if self.blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
         while True:
-            fd = os.open(self.path, flags, 0o600)
+            fd = os.open(self.name, flags, 0o600, dir_fd=self.dir.fd)
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(errno.EEXIST, "not a lock file", str(self.dir.shown / self.name))
                 fcntl.flock(fd, op)
             except BlockingIOError:
                 os.close(fd)
@@ -394,7 +521,8 @@ class _FileLock:
                 os.close(fd)
                 raise
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                st = os.stat(self.name, dir_fd=self.dir.fd, follow_symlinks=False)
+                same = (st.st_dev, st.st_ino) == _identity(os.fstat(fd))[:2]
             except FileNotFoundError:
                 same = False
             if same:
@@ -405,7 +533,7 @@ class _FileLock:
     def unlink(self) -> None:
         """Remove the lock file while holding it (waiters then retake a fresh one)."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            os.unlink(self.name, dir_fd=self.dir.fd)
 
     def release(self) -> None:
         if self.fd is not None:
@@ -414,56 +542,19 @@ class _FileLock:
 
     def __enter__(self) -> _FileLock:
         if not self.acquire():
-            raise BlockingIOError(errno.EWOULDBLOCK, "lock is held", str(self.path))
+            raise BlockingIOError(errno.EWOULDBLOCK, "lock is held", str(self.name))
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(
-    directory: Path, name: str, data: bytes, *, durable: bool = True, mtime_ns: int | None = None
-) -> None:
-    """Write ``directory/name`` so that it appears whole or not at all."""
-    import tempfile  # not on a hit (tempfile pulls in shutil, random, bz2, lzma)
-
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)  # mode 0600
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if mtime_ns is not None:
-                os.utime(fd, ns=(mtime_ns, mtime_ns))
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, directory / name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _check_trusted(path: Path) -> None:
+def _check_trusted(st: os.stat_result, path: Path) -> None:
     """Refuse a directory another user could write to (see the module docstring)."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise CacheError(f"cannot use cache directory {path}: {exc}") from exc
     if not stat.S_ISDIR(st.st_mode):
         raise CacheError(f"cache directory {path} is not a directory")
     uid = os.geteuid()
@@ -482,7 +573,7 @@ def _check_trusted(path: Path) -> None:
 
 
 def _make_private_dir(path: Path) -> None:
-    """Create ``path`` and missing parents with mode 0700, then check it is trusted."""
+    """Create ``path`` and missing parents with mode 0700."""
     missing: list[Path] = []
     p = path
     try:
@@ -497,14 +588,61 @@ def _make_private_dir(path: Path) -> None:
         try:
             os.mkdir(d, 0o700)
         except FileExistsError:
-            continue  # another process won the race; checked below
+            continue  # another process won the race; checked by the caller
         except OSError as exc:
             raise CacheError(f"cannot create cache directory {d}: {exc}") from exc
         try:
             os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
         except OSError as exc:
             raise CacheError(f"cannot make cache directory {d} private: {exc}") from exc
-    _check_trusted(path)
+
+
+def _open_trusted(path: Path) -> _Dir:
+    """Open the cache directory ``path`` (created if missing) and check it is trusted."""
+    _make_private_dir(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except NotADirectoryError as exc:
+        raise CacheError(f"cache directory {path} is not a directory") from exc
+    except OSError as exc:
+        raise CacheError(f"cannot use cache directory {path}: {exc}") from exc
+    return _checked(fd, path)
+
+
+def _checked(fd: int, path: Path) -> _Dir:
+    try:
+        _check_trusted(os.fstat(fd), path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _Dir(fd, path)
+
+
+def _open_subdir(parent: _Dir, name: str) -> _Dir:
+    """``parent/name``, created 0700 if missing; a symlink there is refused, not followed."""
+    shown = parent.shown / name
+    created = False
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent.fd)
+        created = True
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise CacheError(f"cannot create cache directory {shown}: {exc}") from exc
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=parent.fd)
+    except (NotADirectoryError, OSError) as exc:
+        if isinstance(exc, NotADirectoryError) or exc.errno == errno.ELOOP:
+            raise CacheError(f"cache directory {shown} is not a directory") from exc
+        raise CacheError(f"cannot use cache directory {shown}: {exc}") from exc
+    if created:
+        try:
+            os.fchmod(fd, 0o700)  # mkdir's mode is filtered by the umask
+        except OSError as exc:
+            os.close(fd)
+            raise CacheError(f"cannot make cache directory {shown} private: {exc}") from exc
+    return _checked(fd, shown)
 
 
 class PrecompileCache:
@@ -513,13 +651,16 @@ class PrecompileCache:
     ``directory`` defaults to :func:`default_cache_dir`; it is created 0700, and refused with
     `CacheError` when another user owns it or could write to it. ``max_bytes`` bounds the sum
     of artifact sizes (least recently used entries are evicted). One instance may be shared by
-    threads; instances in several processes may share a directory.
+    threads; instances in several processes may share a directory. The directories are held
+    open from construction on: renaming them or planting a symlink at their path afterwards
+    changes nothing for this instance.
 
     For an executor, the whole integration is::
 
         workload = cache.with_precompiled(engine, workload, digest=known_layer_digest)
 
-    which leaves the workload unchanged for an engine that cannot precompile.
+    which leaves the workload unchanged for an engine that cannot precompile, and runs it
+    uncached (with a warning) when the cache cannot be written.
     """
 
     def __init__(
@@ -529,20 +670,35 @@ class PrecompileCache:
             raise CacheError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
         self.directory = Path(directory) if directory is not None else default_cache_dir()
         self.max_bytes = max_bytes
-        _make_private_dir(self.directory)
-        self._base = self.directory / _FORMAT
-        self._entries = self._base / "entries"
-        for d in (self._base, self._entries):
-            _make_private_dir(d)
-        tag = self.directory / "CACHEDIR.TAG"
-        if not tag.exists():
-            with contextlib.suppress(OSError):
-                _write_atomic(self.directory, "CACHEDIR.TAG", _CACHEDIR_TAG, durable=False)
+        top = _open_trusted(self.directory)
+        try:
+            self._base_dir = _open_subdir(top, _FORMAT)
+            try:
+                self._entries_dir = _open_subdir(self._base_dir, "entries")
+            except BaseException:
+                self._base_dir.close()
+                raise
+            try:
+                os.stat("CACHEDIR.TAG", dir_fd=top.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                with contextlib.suppress(OSError):
+                    write_atomic(top.path("CACHEDIR.TAG"), _CACHEDIR_TAG, mode=0o600)
+            except OSError:
+                pass
+        finally:
+            top.close()
+        self._base = self._base_dir.shown
+        self._entries = self._entries_dir.shown
+        self._lock = threading.Lock()
         self._verified: dict[str, _Verified] = {}
+        self._digests: dict[tuple[int, int, int, int, int], str] = {}
         self._touched: dict[str, int] = {}
         self._no_precompile: set[tuple[str, str]] = set()
+        self._warned: set[tuple[str, object]] = set()
         self._counters = _Counters()
-        self._finalizer = weakref.finalize(self, _flush_at_exit, self._counters, self._base)
+        self._finalizer = weakref.finalize(
+            self, _finish, self._counters, (self._base_dir, self._entries_dir)
+        )
 
     def __repr__(self) -> str:
         return f"PrecompileCache({str(self.directory)!r}, max_bytes={self.max_bytes})"
@@ -559,8 +715,41 @@ class PrecompileCache:
         miss the bytes are checked against it (`SpecError` when they differ). Returns ``None``
         when the engine cannot precompile. Raises what ``engine.precompile`` raises
         (`CompileError` for bad Wasm; nothing is stored then), `CacheError` for an unusable
-        cache directory.
+        cache directory or an entry that cannot be written (:meth:`with_precompiled` runs
+        the workload uncached instead).
         """
+        got = self._get(engine, wasm, digest, degrade=False)
+        assert not isinstance(got, bytes)  # degrade=False raises instead
+        return got
+
+    def with_precompiled(
+        self, engine: _PrecompilingEngine, workload: Workload, *, digest: str | None = None
+    ) -> Workload:
+        """``workload`` with ``precompiled`` pointing at a verified cached artifact.
+
+        Unchanged when it already has ``precompiled`` or the engine cannot precompile. When
+        the entry cannot be written (a full or read-only file system, permissions, I/O
+        errors) a warning is logged once per cause and ``precompiled`` is the artifact's
+        bytes, which the engine verifies in full: the cache is an optimisation, the workload
+        still runs. Raises like :meth:`artifact` otherwise.
+        """
+        if workload.precompiled is not None:
+            return workload
+        got = self._get(engine, workload.wasm, digest, degrade=True)
+        if got is None:
+            return workload
+        if isinstance(got, bytes):
+            return dataclasses.replace(workload, precompiled=got)
+        return got.apply(workload)
+
+    def _get(
+        self,
+        engine: _PrecompilingEngine,
+        wasm: WasmSource,
+        digest: str | None,
+        *,
+        degrade: bool,
+    ) -> CachedArtifact | bytes | None:
         if not engine.capabilities.precompile:
             return None
         name = engine.name
@@ -568,12 +757,14 @@ class PrecompileCache:
         if (name, fingerprint) in self._no_precompile:
             return None
         data: bytes | None = None
-        if digest is None:
-            data = _wasm_bytes(wasm)
-            module_digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        else:
+        if digest is not None:
             alg, encoded = _normalize_digest(digest)
             module_digest = f"{alg}:{encoded}"
+        elif isinstance(wasm, bytes | bytearray | memoryview):
+            data = bytes(wasm)
+            module_digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        else:
+            module_digest, data = self._path_digest(Path(wasm))
         key = cache_key(name, fingerprint, module_digest)
 
         found = self._lookup_fast(key)
@@ -586,12 +777,23 @@ class PrecompileCache:
 
         if data is None:
             data = _wasm_bytes(wasm)
-            _check_digest(data, module_digest)
-        lock = _FileLock(self._entries / f"{key}.lock")
+            if digest is not None:
+                _check_digest(data, module_digest)
+            else:  # a remembered digest of a file that changed in the meantime
+                actual = "sha256:" + hashlib.sha256(data).hexdigest()
+                if actual != module_digest:
+                    module_digest = actual
+                    key = cache_key(name, fingerprint, module_digest)
+        lock = _FileLock(self._entries_dir, f"{key}.lock")
         try:
             lock.acquire()
         except OSError as exc:
-            raise CacheError(f"cannot lock cache entry in {self._entries}: {exc}") from exc
+            if not degrade:
+                raise CacheError(
+                    f"cannot lock cache entry in {self._entries}: {self._entries_dir.say(exc)}"
+                ) from exc
+            self._warn_once("lock", exc)
+            return self._uncached(engine, name, fingerprint, data)
         try:
             # Somebody may have compiled it while we waited for the lock.
             loaded = self._load(key, name, fingerprint, module_digest)
@@ -604,30 +806,77 @@ class PrecompileCache:
             if compiled is None:
                 self._no_precompile.add((name, fingerprint))
                 return None
-            result = self._store(key, name, fingerprint, module_digest, bytes(compiled))
+            compiled = bytes(compiled)
+            try:
+                result = self._store(key, name, fingerprint, module_digest, compiled)
+            except OSError as exc:
+                if not degrade:
+                    raise CacheError(
+                        f"cannot write cache entry in {self._entries}: {self._entries_dir.say(exc)}"
+                    ) from exc
+                self._warn_once("write", exc)
+                return compiled
             self._counters.add("misses")
         finally:
             lock.release()
         # The entry is committed; trimming and counting are housekeeping that must not fail it.
         try:
             self._evict(keep=key)
-            self._counters.flush(self._base)
+            self._counters.flush(self._base_dir)
         except (OSError, CacheError) as exc:
-            _log().warning("precompile cache housekeeping failed in %s: %s", self._base, exc)
+            self._warn_once("housekeeping", exc)
         return result
 
-    def with_precompiled(
-        self, engine: _PrecompilingEngine, workload: Workload, *, digest: str | None = None
-    ) -> Workload:
-        """``workload`` with ``precompiled`` pointing at a verified cached artifact.
+    def _uncached(
+        self, engine: _PrecompilingEngine, name: str, fingerprint: str, data: bytes
+    ) -> bytes | None:
+        compiled = engine.precompile(data)
+        if compiled is None:
+            self._no_precompile.add((name, fingerprint))
+            return None
+        return bytes(compiled)
 
-        Unchanged when it already has ``precompiled`` or the engine cannot precompile.
-        Raises like :meth:`artifact`.
+    def _warn_once(self, what: str, exc: OSError | CacheError) -> None:
+        """Log a cache failure as a warning the first time its cause is seen, then as debug."""
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        errno_ = cause.errno if isinstance(cause, OSError) else type(exc).__name__
+        with self._lock:
+            first = (what, errno_) not in self._warned
+            self._warned.add((what, errno_))
+        if what == "housekeeping":
+            message = "precompile cache housekeeping failed in %s: %s"
+        else:
+            message = "precompile cache in %s cannot %s an entry (%s); running uncached"
+        said = self._base_dir.say(self._entries_dir.say(exc))
+        args: tuple[object, ...] = (self._base, said)
+        if what != "housekeeping":
+            args = (self._base, what, said)
+        if first:
+            _log().warning(message, *args)
+        else:
+            _log().debug(message, *args)
+
+    def _path_digest(self, path: Path) -> tuple[str, bytes | None]:
+        """The module digest of the file ``path``, and its bytes when they had to be read.
+
+        The digest is remembered per file identity (device, inode, size, mtime, ctime), so an
+        unchanged file is not read again; any write or replacement changes the identity.
         """
-        if workload.precompiled is not None:
-            return workload
-        art = self.artifact(engine, workload.wasm, digest=digest)
-        return workload if art is None else art.apply(workload)
+        try:
+            known = self._digests.get(_identity(os.stat(path)))
+        except OSError as exc:
+            raise CacheError(f"cannot read Wasm module {path}: {exc}") from exc
+        if known is not None:
+            return known, None
+        began = time.time_ns()
+        data, before, after = _read_module(path)
+        module_digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if before == after and began - after[4] > _RACY_NS:
+            with self._lock:
+                if len(self._digests) >= _DIGESTS_MAX:
+                    self._digests.pop(next(iter(self._digests)))
+                self._digests[after] = module_digest
+        return module_digest, data
 
     def _lookup_fast(self, key: str) -> CachedArtifact | None:
         """A hit on a file this instance already hashed and that nobody changed since."""
@@ -635,7 +884,7 @@ class PrecompileCache:
         if memo is None:
             return None
         try:
-            st = os.stat(memo.artifact.path)
+            st = os.stat(f"{key}.art", dir_fd=self._entries_dir.fd, follow_symlinks=False)
         except OSError:
             st = None
         if st is None or _identity(st) != memo.identity:
@@ -644,70 +893,96 @@ class PrecompileCache:
         self._hit(key)
         return memo.artifact
 
+    def _remember(
+        self, key: str, identity: tuple[int, int, int, int, int], art: CachedArtifact
+    ) -> None:
+        with self._lock:
+            self._verified.pop(key, None)
+            if len(self._verified) >= _VERIFIED_MAX:
+                self._verified.pop(next(iter(self._verified)))
+            self._verified[key] = _Verified(identity, art)
+
     def _hit(self, key: str) -> None:
         now = time.time_ns()
         if now - self._touched.get(key, 0) >= _TOUCH_EVERY_NS:
             self._touched[key] = now
-            with contextlib.suppress(OSError):  # evicted meanwhile: nothing to refresh
-                os.utime(self._entries / f"{key}.json", ns=(now, now))
+            with contextlib.suppress(OSError):  # evicted meanwhile, or read-only
+                os.utime(
+                    f"{key}.json",
+                    ns=(now, now),
+                    dir_fd=self._entries_dir.fd,
+                    follow_symlinks=False,
+                )
         self._counters.add("hits")
         if time.monotonic_ns() - self._counters.last_flush_ns >= _FLUSH_HITS_EVERY_NS:
             try:
-                self._counters.flush(self._base)
+                self._counters.flush(self._base_dir)
             except CacheError as exc:  # counts are kept for the next try; the hit stands
-                _log().warning("%s", exc)
+                self._warn_once("housekeeping", exc)
 
     # -- reading and writing entries ----------------------------------------------------------
+
+    def _read_record(self, key: str) -> Any:
+        """The parsed record of ``key``; ``None`` if absent, `_Corrupt` if unusable."""
+        try:
+            raw = read_regular(
+                self._entries_dir.path(f"{key}.json"),
+                limit=_RECORD_LIMIT,
+                what="cache record",
+                error=CacheError,
+                follow=False,
+            )
+        except CacheError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return None
+            return _Corrupt(f"its record cannot be read ({self._entries_dir.say(exc)})")
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            return _Corrupt("its record is unreadable")
 
     def _load(
         self, key: str, name: str, fingerprint: str, module_digest: str
     ) -> CachedArtifact | _Corrupt | None:
         """Read and verify an entry: the artifact, ``_Corrupt`` with why, or None if absent."""
+        meta = self._read_record(key)
+        if meta is None or isinstance(meta, _Corrupt):
+            return meta
+        want = {"key": key, "engine": name, "fingerprint": fingerprint, "module": module_digest}
+        if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in want.items()):
+            return _Corrupt("its record belongs to another entry")
+        size, sha = meta.get("size"), meta.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return _Corrupt("its record has no valid size")
+        if not isinstance(sha, str) or not _KEY_RE.fullmatch(sha):
+            return _Corrupt("its record has no valid sha256")
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            raw = (self._entries / f"{key}.json").read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise CacheError(f"cannot read cache entry {key}: {exc}") from exc
-        try:
-            meta: Any = json.loads(raw)
-            want = {
-                "key": key,
-                "engine": name,
-                "fingerprint": fingerprint,
-                "module": module_digest,
-            }
-            if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in want.items()):
-                return _Corrupt("its record belongs to another entry")
-            size, sha = meta["size"], meta["sha256"]
-            if not isinstance(size, int) or not isinstance(sha, str):
-                raise ValueError("bad size or sha256")
-        except (ValueError, KeyError):
-            return _Corrupt("its record is unreadable")
-        path = self._entries / f"{key}.art"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(f"{key}.art", flags, dir_fd=self._entries_dir.fd)
         except FileNotFoundError:
             return _Corrupt("its artifact is missing")
         except OSError as exc:
             return _Corrupt(f"its artifact cannot be opened ({exc.strerror})")
-        with open(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return _Corrupt("its artifact is not a regular file")
-            if st.st_size != size:
-                return _Corrupt(f"its artifact has {st.st_size} bytes, the record says {size}")
-            actual = hashlib.file_digest(f, "sha256").hexdigest()
-        if actual != sha:
-            return _Corrupt(f"its artifact's sha256 is {actual[:16]}..., recorded {sha[:16]}...")
+        try:
+            checked = _verify_artifact(fd, size, sha)
+        except BaseException:
+            os.close(fd)
+            raise
+        if isinstance(checked, _Corrupt):
+            os.close(fd)
+            return checked
+        path = _pinned(fd, self._entries / f"{key}.art")
         art = CachedArtifact(path, sha, size, key, name, fingerprint, module_digest, hit=True)
-        self._verified[key] = _Verified(_identity(st), art)
+        self._remember(key, _identity(checked), art)
         return art
 
     def _store(
         self, key: str, name: str, fingerprint: str, module_digest: str, compiled: bytes
     ) -> CachedArtifact:
-        """Commit an entry (caller holds its lock): artifact first, record last."""
+        """Commit an entry (caller holds its lock): artifact first, record last.
+
+        Raises `OSError` when it cannot; nothing of the entry is left behind then.
+        """
         sha = hashlib.sha256(compiled).hexdigest()
         meta = {
             "format": 1,
@@ -719,19 +994,34 @@ class PrecompileCache:
             "sha256": sha,
             "created_ns": time.time_ns(),
         }
+        entries = self._entries_dir
+        # durable: the artifact's name is on disk before the record's
+        write_atomic(entries.path(f"{key}.art"), compiled, mode=0o600, durable=True)
         try:
-            _write_atomic(self._entries, f"{key}.art", compiled)
-            _fsync_dir(self._entries)  # the artifact's name is durable before the record's
-            _write_atomic(
-                self._entries, f"{key}.json", json.dumps(meta).encode(), mtime_ns=time.time_ns()
+            write_atomic(
+                entries.path(f"{key}.json"),
+                json.dumps(meta).encode(),
+                mode=0o600,
+                durable=True,
+                mtime_ns=time.time_ns(),
             )
-            _fsync_dir(self._entries)
-        except OSError as exc:
-            raise CacheError(f"cannot write cache entry in {self._entries}: {exc}") from exc
-        path = self._entries / f"{key}.art"
+            fd = os.open(
+                f"{key}.art", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=entries.fd
+            )
+        except BaseException:
+            self._remove_entry(key)
+            raise
+        try:
+            checked = _verify_artifact(fd, len(compiled), sha)
+        except BaseException:
+            os.close(fd)
+            raise
+        if isinstance(checked, _Corrupt):  # replaced under our lock: by this user only
+            os.close(fd)
+            raise OSError(errno.EIO, f"the entry just written {checked.reason[4:]}")
+        path = _pinned(fd, self._entries / f"{key}.art")
         art = CachedArtifact(path, sha, len(compiled), key, name, fingerprint, module_digest, True)
-        with contextlib.suppress(OSError):
-            self._verified[key] = _Verified(_identity(os.stat(path)), art)
+        self._remember(key, _identity(checked), art)
         return dataclasses.replace(art, hit=False)
 
     def _discard(self, key: str, engine: str, reason: str) -> None:
@@ -741,17 +1031,23 @@ class PrecompileCache:
         self._counters.add("corruptions")
 
     def _remove_entry(self, key: str) -> None:
-        # Record first: without it the entry is gone even if we stop halfway.
+        # Record first: without it the entry is gone even if we stop halfway. A read-only
+        # cache keeps the entry: it is discarded again (and not loaded) on every lookup.
         for suffix in (".json", ".art"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._entries / f"{key}{suffix}")
+            try:
+                os.unlink(f"{key}{suffix}", dir_fd=self._entries_dir.fd)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                _log().debug("cannot remove %s%s: %s", key, suffix, exc)
 
     # -- listing, eviction, counters ----------------------------------------------------------
 
     def _scan(self) -> tuple[list[CacheEntry], set[str]]:
         """Committed entries (oldest use first) and the names of every file in the directory."""
+        entries = self._entries_dir
         try:
-            names = set(os.listdir(self._entries))
+            names = set(os.listdir(entries.fd))
         except OSError as exc:
             raise CacheError(f"cannot list cache directory {self._entries}: {exc}") from exc
         found: list[CacheEntry] = []
@@ -760,21 +1056,21 @@ class PrecompileCache:
             if suffix != "json" or not _KEY_RE.fullmatch(key) or f"{key}.art" not in names:
                 continue
             try:
-                st = os.stat(self._entries / fname)
-                meta: Any = json.loads((self._entries / fname).read_bytes())
-                size = os.stat(self._entries / f"{key}.art").st_size
-            except (OSError, ValueError):
-                continue  # removed meanwhile, or damaged: the next lookup will say so
-            if not isinstance(meta, dict):
-                continue
+                st = os.stat(fname, dir_fd=entries.fd, follow_symlinks=False)
+                art = os.stat(f"{key}.art", dir_fd=entries.fd, follow_symlinks=False)
+            except OSError:
+                continue  # removed meanwhile
+            meta = self._read_record(key)
+            if not isinstance(meta, dict) or not stat.S_ISREG(art.st_mode):
+                continue  # damaged: the next lookup will say so
             found.append(
                 CacheEntry(
                     key=key,
-                    engine=str(meta.get("engine", "")),
-                    fingerprint=str(meta.get("fingerprint", "")),
-                    module_digest=str(meta.get("module", "")),
-                    size=size,
-                    sha256=str(meta.get("sha256", "")),
+                    engine=_text(meta.get("engine")),
+                    fingerprint=_text(meta.get("fingerprint")),
+                    module_digest=_text(meta.get("module")),
+                    size=art.st_size,
+                    sha256=_text(meta.get("sha256")),
                     last_used_ns=st.st_mtime_ns,
                 )
             )
@@ -789,22 +1085,25 @@ class PrecompileCache:
         """Remove leftovers of killed writers and unused lock files."""
         live = {e.key for e in entries}
         now = time.time_ns()
+        fd = self._entries_dir.fd
         for fname in names:
-            path = self._entries / fname
             key, _, suffix = fname.partition(".")
-            if fname.startswith(".tmp-") or (suffix == "art" and key not in live):
+            temporary = fname.startswith(".") and fname.endswith(".tmp")  # _fs.write_atomic's
+            if temporary or fname.startswith(".tmp-") or (suffix == "art" and key not in live):
                 with contextlib.suppress(OSError):
-                    if now - os.lstat(path).st_mtime_ns > _STALE_TEMP_NS:
-                        os.unlink(path)
+                    if now - os.stat(fname, dir_fd=fd, follow_symlinks=False).st_mtime_ns > (
+                        _STALE_TEMP_NS
+                    ):
+                        os.unlink(fname, dir_fd=fd)
             elif suffix == "lock" and (all_locks or key not in live):
-                lock = _FileLock(path, blocking=False)
+                lock = _FileLock(self._entries_dir, fname, blocking=False)
                 with contextlib.suppress(OSError):
                     if lock.acquire():
                         lock.unlink()
                         lock.release()
 
     def _evict(self, *, keep: str | None) -> None:
-        with _FileLock(self._base / ".lock"):
+        with _FileLock(self._base_dir, ".lock"):
             entries, names = self._scan()
             total = sum(e.size for e in entries)
             for e in entries:
@@ -812,7 +1111,7 @@ class PrecompileCache:
                     break
                 if e.key == keep:
                     continue
-                lock = _FileLock(self._entries / f"{e.key}.lock", blocking=False)
+                lock = _FileLock(self._entries_dir, f"{e.key}.lock", blocking=False)
                 if not lock.acquire():
                     continue  # being rewritten right now
                 try:
@@ -830,7 +1129,7 @@ class PrecompileCache:
 
     def stats(self) -> CacheStats:
         """Counters persisted across processes (this instance's included) and the size now."""
-        totals = self._counters.flush(self._base)
+        totals = self._counters.flush(self._base_dir)
         entries = self.entries()
         return CacheStats(
             **totals,
@@ -853,7 +1152,7 @@ class PrecompileCache:
 
     def flush(self) -> None:
         """Write this instance's pending hit count to the persisted counters."""
-        self._counters.flush(self._base)
+        self._counters.flush(self._base_dir)
 
     def close(self) -> None:
         """Flush counters. The instance stays usable; closing twice is harmless."""
@@ -872,10 +1171,10 @@ class PrecompileCache:
         """
         removed = 0
         try:
-            with _FileLock(self._base / ".lock"):
+            with _FileLock(self._base_dir, ".lock"):
                 entries, names = self._scan()
                 for e in entries:
-                    lock = _FileLock(self._entries / f"{e.key}.lock", blocking=False)
+                    lock = _FileLock(self._entries_dir, f"{e.key}.lock", blocking=False)
                     if not lock.acquire():
                         continue
                     try:
@@ -886,7 +1185,7 @@ class PrecompileCache:
                     removed += 1
                 self._sweep(names, entries, all_locks=True)
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._base / "stats.json")
+                    os.unlink("stats.json", dir_fd=self._base_dir.fd)
         except OSError as exc:
             raise CacheError(f"cannot clear cache directory {self._base}: {exc}") from exc
         finally:
@@ -898,13 +1197,59 @@ class PrecompileCache:
         return removed
 
 
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _verify_artifact(fd: int, size: int, sha: str) -> _Corrupt | os.stat_result:
+    """Check the open artifact ``fd``: a regular file of ``size`` bytes hashing to ``sha``,
+    unchanged while it was hashed. Its ``fstat`` when it is, `_Corrupt` with why if not."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return _Corrupt("its artifact is not a regular file")
+        if st.st_size != size:
+            return _Corrupt(f"its artifact has {st.st_size} bytes, the record says {size}")
+        with open(fd, "rb", closefd=False) as f:
+            actual = hashlib.file_digest(f, "sha256").hexdigest()
+        if actual != sha:
+            return _Corrupt(f"its artifact's sha256 is {actual[:16]}..., recorded {sha[:16]}...")
+        if _identity(os.fstat(fd)) != _identity(st):
+            return _Corrupt("its artifact changed while it was verified")
+    except OSError as exc:
+        return _Corrupt(f"its artifact cannot be read ({exc.strerror})")
+    return st
+
+
+def _read_module(
+    path: Path,
+) -> tuple[bytes, tuple[int, int, int, int, int], tuple[int, int, int, int, int]]:
+    """The bytes of the Wasm file ``path`` and its identity before and after reading them.
+
+    A FIFO or a device is refused (`CacheError`) instead of blocking or reading forever.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CacheError(f"cannot read Wasm module {path}: {exc}") from exc
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise CacheError(f"cannot read Wasm module {path}: not a regular file")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read()
+        after = os.fstat(fd)
+    except OSError as exc:
+        raise CacheError(f"cannot read Wasm module {path}: {exc}") from exc
+    finally:
+        os.close(fd)
+    return data, _identity(before), _identity(after)
+
+
 def _wasm_bytes(wasm: WasmSource) -> bytes:
     if isinstance(wasm, bytes | bytearray | memoryview):
         return bytes(wasm)
-    try:
-        return Path(wasm).read_bytes()
-    except OSError as exc:
-        raise CacheError(f"cannot read Wasm module {wasm}: {exc}") from exc
+    return _read_module(Path(wasm))[0]
 
 
 def _check_digest(data: bytes, module_digest: str) -> None:
