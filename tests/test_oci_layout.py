@@ -83,13 +83,13 @@ def test_open_rejects_missing_layout(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="not an image layout"):
         ImageLayout.open(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SpecError, match="oci-layout: missing"):
+    with pytest.raises(SpecError, match=r"oci-layout .* does not exist"):
         ImageLayout.open(tmp_path / "empty")
 
 
 def test_oversized_index_is_refused(layout: ImageLayout) -> None:
     (layout.path / "index.json").write_bytes(b" " * (MAX_MANIFEST_SIZE + 1))
-    with pytest.raises(SpecError, match="cap"):
+    with pytest.raises(SpecError, match="over the 4194304-byte limit"):
         layout.index()
 
 

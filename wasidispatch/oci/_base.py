@@ -7,6 +7,14 @@ document and the offending field (with its JSON name, e.g. ``process.user.uid``)
 
 Why strict: the upstream validators are a JSON schema plus Go's typed ``json.Unmarshal``, and
 both reject ``"size": "1470"``; pydantic's lax mode would quietly coerce it.
+
+Bounds: a file is read only when it is a regular file of at most 4 MiB
+(:func:`wasidispatch._fs.read_regular`: a FIFO, a device or a symlink to ``/dev/zero`` is a
+``SpecError``, never a hang); nesting deeper than :data:`MAX_DEPTH` (arrays and objects, in JSON
+text or in an already decoded mapping) is a ``SpecError``, never a ``RecursionError``; so is a
+string holding a lone surrogate (it has no UTF-8 form), named by its field path. Strings that
+become paths or C strings (``process.cwd``, ``args``, ``env``, mount points, ...) are
+:data:`CString`: a NUL in one is a ``SpecError`` naming the field.
 """
 
 from __future__ import annotations
@@ -16,12 +24,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from wasidispatch import _fs
 from wasidispatch.errors import SpecError
 
 __all__ = [
+    "DOCUMENT_LIMIT",
+    "MAX_DEPTH",
+    "CString",
     "Int32",
     "Int64",
     "OCIModel",
@@ -29,6 +41,7 @@ __all__ = [
     "Uint16",
     "Uint32",
     "Uint64",
+    "check_tree",
     "format_validation_error",
 ]
 
@@ -38,6 +51,59 @@ Uint8 = Annotated[int, Field(ge=0, le=2**8 - 1)]
 Uint16 = Annotated[int, Field(ge=0, le=2**16 - 1)]
 Uint32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 Uint64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
+
+DOCUMENT_LIMIT = _fs.CONFIG_LIMIT
+"""The cap on a JSON document read from a file by :meth:`OCIModel.load` (4 MiB)."""
+
+MAX_DEPTH = 200
+"""The deepest nesting of arrays and objects accepted (pydantic's JSON parser stops there too)."""
+
+
+def _no_nul(value: str) -> str:
+    at = value.find("\0")
+    if at >= 0:
+        raise ValueError(f"contains a NUL character at offset {at}")
+    return value
+
+
+CString = Annotated[str, AfterValidator(_no_nul)]
+"""A string that becomes a path, an argument or an environment entry: no NUL allowed."""
+
+
+def _surrogate_at(text: str) -> int | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def check_tree(document: Any, source: str) -> None:
+    """Refuse a decoded JSON value nested deeper than :data:`MAX_DEPTH` or holding a string (or
+    key) with a lone surrogate; :class:`SpecError` naming ``source`` and the path. Iterative:
+    no depth of input can exhaust the Python stack."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(document, ())]
+    while stack:
+        value, where = stack.pop()
+        if len(where) > MAX_DEPTH:
+            shown = ".".join(where[:8])
+            raise SpecError(f"{source}: {shown}...: nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, str):
+            at = _surrogate_at(value)
+            if at is not None:
+                field = ".".join(where) or "(document)"
+                raise SpecError(
+                    f"{source}: {field}: lone surrogate at offset {at} (not valid Unicode)"
+                )
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(key, str) and _surrogate_at(key) is not None:
+                    field = ".".join(where) or "(document)"
+                    raise SpecError(f"{source}: {field}: a key holds a lone surrogate")
+                stack.append((item, (*where, str(key))))
+        elif isinstance(value, list | tuple):
+            stack.extend((item, (*where, str(i))) for i, item in enumerate(value))
+
 
 # How many individual field errors a SpecError message lists before "and N more".
 _MAX_LISTED_ERRORS = 5
@@ -77,12 +143,16 @@ class OCIModel(BaseModel):
     ) -> Self:
         """Validate a JSON document (bytes/str) or an already decoded mapping.
 
-        Raises :class:`SpecError` naming ``source`` and the field on any problem.
+        Raises :class:`SpecError` naming ``source`` and the field on any problem (also for
+        nesting deeper than :data:`MAX_DEPTH` and lone surrogates), never another exception.
         """
         try:
-            if isinstance(document, bytes | str):
+            if isinstance(document, bytes | bytearray | memoryview | str):
                 return cls.model_validate_json(document)
+            check_tree(document, source)
             return cls.model_validate(document)
+        except RecursionError as exc:  # a deep model built by hand; JSON input never gets here
+            raise SpecError(f"{source}: nested too deeply") from exc
         except ValidationError as exc:
             if any(err["type"] == "json_invalid" for err in exc.errors(include_url=False)):
                 raise SpecError(f"{source}: malformed JSON: {exc.errors()[0]['msg']}") from exc
@@ -90,14 +160,15 @@ class OCIModel(BaseModel):
 
     @classmethod
     def load(cls, path_or_bytes: str | os.PathLike[str] | bytes) -> Self:
-        """Load from a file path or from the raw JSON bytes; :class:`SpecError` when invalid."""
+        """Load from a file path or from the raw JSON bytes; :class:`SpecError` when invalid.
+
+        A path must name a regular file of at most :data:`DOCUMENT_LIMIT` bytes (symlinks are
+        followed): a FIFO, a device or a larger file is refused without reading it.
+        """
         if isinstance(path_or_bytes, bytes):
             return cls.parse(path_or_bytes)
         path = Path(path_or_bytes)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise SpecError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        data = _fs.read_regular(path, limit=DOCUMENT_LIMIT, what=path.name)
         return cls.parse(data, source=str(path))
 
     def dump(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from wasidispatch import _resolve
+from wasidispatch import _fs, _resolve
 from wasidispatch._resolve import DEFAULT_PATH
 from wasidispatch.errors import SpecError
 from wasidispatch.oci.runtime import Spec
@@ -59,13 +59,16 @@ class Bundle:
         """Read ``path/config.json`` and locate the rootfs.
 
         Raises :class:`SpecError` when ``config.json`` is missing or invalid, has no
-        ``root.path``, or the rootfs is not a directory.
+        ``root.path``, or the rootfs is not a directory. ``config.json`` is read only when it
+        is a regular file of at most :data:`wasidispatch._fs.CONFIG_LIMIT` bytes (4 MiB): a
+        symlink to ``/dev/zero``, a FIFO or a huge file is refused without reading it.
         """
         bundle = Path(path).absolute()
         config = bundle / "config.json"
         if not bundle.is_dir():
             raise SpecError(f"{bundle}: not a bundle directory")
-        spec = Spec.load(config)
+        data = _fs.read_regular(config, limit=_fs.CONFIG_LIMIT, what="config.json")
+        spec = Spec.parse(data, source=str(config))
         if spec.root is None:
             raise SpecError(f"{config}: root.path: required to run a container")
         return cls(bundle, spec, _resolve.rootfs_path(config, spec.root.path))

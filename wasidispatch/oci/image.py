@@ -32,7 +32,7 @@ from pydantic.alias_generators import to_pascal
 from pydantic_core import core_schema
 
 from wasidispatch.errors import SpecError
-from wasidispatch.oci._base import OCIModel
+from wasidispatch.oci._base import CString, OCIModel
 
 __all__ = [
     "ANNOTATION_REF_NAME",
@@ -102,7 +102,7 @@ _DATE_TIME_PATTERN = (
 DateTime = Annotated[str, StringConstraints(pattern=_DATE_TIME_PATTERN)]
 
 # Go's regexp `^[^=]+=.*$` (no (?s), so "." stops at a newline, as Rust's regex does).
-EnvEntry = Annotated[str, StringConstraints(pattern=r"^[^=]+=.*$")]
+EnvEntry = Annotated[CString, StringConstraints(pattern=r"^[^=]+=.*$")]
 
 
 def _digest_problem(value: str) -> str | None:
@@ -283,13 +283,13 @@ class ImageConfigRunConfig(OCIModel):
 
     model_config = OCIModel.model_config | {"alias_generator": to_pascal}
 
-    user: str | None = None
+    user: CString | None = None
     exposed_ports: dict[str, dict[str, Any]] | None = None
     env: list[EnvEntry] | None = None
-    entrypoint: list[str] | None = None
-    cmd: list[str] | None = None
+    entrypoint: list[CString] | None = None
+    cmd: list[CString] | None = None
     volumes: dict[str, dict[str, Any]] | None = None
-    working_dir: str | None = None
+    working_dir: CString | None = None
     labels: dict[str, str] | None = None
     stop_signal: str | None = None
     args_escaped: bool | None = None

@@ -12,6 +12,15 @@ holds: the ``application/wasm`` layers of an artifact, or, for a plain OCI image
 ``run.oci.handler``/``module.wasm.image/variant``, the entrypoint file found in its rootfs
 tar layers.
 
+Bounds: ``oci-layout``, ``index.json`` and every manifest, index and config are read only as
+regular files (never through a symlink, never a FIFO or a device) of at most
+:data:`MAX_MANIFEST_SIZE`; blobs are opened only when they are regular files and are read as
+streams. Tar layers are decompressed as a stream (memory stays at a few MiB whatever the
+layer), a Wasm file inside one may be at most :data:`MAX_WASM_SIZE` bytes, and at most
+:data:`MAX_LAYER_SCAN` decompressed bytes are scanned per reference. Files are written through
+:mod:`wasidispatch._fs`: a symlink or a file planted at a final or a temporary name is replaced,
+never followed, and ``blobs/`` or ``blobs/<algorithm>`` being a symlink is refused.
+
 Example::
 
     >>> import tempfile, wasmtime
@@ -31,12 +40,15 @@ import gzip
 import io
 import os
 import posixpath
+import stat
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TypeVar
 
+from wasidispatch import _fs
 from wasidispatch.errors import SpecError
 from wasidispatch.oci._base import OCIModel
 from wasidispatch.oci.image import (
@@ -67,7 +79,9 @@ from wasidispatch.oci.wasm import (
 )
 
 __all__ = [
+    "MAX_LAYER_SCAN",
     "MAX_MANIFEST_SIZE",
+    "MAX_WASM_SIZE",
     "BlobReader",
     "ImageLayout",
     "WasmLayer",
@@ -78,6 +92,12 @@ __all__ = [
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 """Manifests, indexes and configs larger than this are refused (registries use 4 MiB)."""
 
+MAX_WASM_SIZE = 1 << 30
+"""A Wasm binary (an artifact layer or a file inside a tar layer) larger than 1 GiB is refused."""
+
+MAX_LAYER_SCAN = 4 << 30
+"""At most 4 GiB of decompressed tar data is scanned to find a Wasm image's entrypoint."""
+
 _CHUNK = 1 << 20
 _DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 _INDEX_TYPES = frozenset({MEDIA_TYPE_IMAGE_INDEX, _DOCKER_MANIFEST_LIST})
@@ -86,29 +106,53 @@ _TAR_LAYER_SUFFIXES = ("tar", "tar+gzip", "tar.gzip", "tar+zstd")
 _M = TypeVar("_M", bound=OCIModel)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="-" + path.name)
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one (durably;
+    a symlink or file planted at ``path`` or at the temporary name is never followed)."""
     try:
-        with os.fdopen(fd, "wb") as out:
+        _fs.write_atomic(path, data, durable=True)
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+
+
+def _real_dir(path: Path) -> None:
+    """Make ``path`` a directory (not a symlink to one): a planted symlink is refused."""
+    try:
+        path.mkdir(exist_ok=True)
+        st = os.lstat(path)
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot create directory: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise SpecError(f"{path}: not a directory (a symlink or a file is in the way)")
+
+
+def _write_or_spec_error(out: IO[bytes], data: bytes | None, directory: Path) -> None:
+    """Write ``data`` (``None``: flush, chmod 0644 and fsync); :class:`SpecError` on failure."""
+    try:
+        if data is not None:
             out.write(data)
+        else:
             out.flush()
+            os.fchmod(out.fileno(), 0o644)
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+    except OSError as exc:
+        raise SpecError(f"{directory}: cannot write a blob: {exc.strerror or exc}") from exc
+
+
+def _open_regular(path: Path, what: str) -> IO[bytes]:
+    """``path`` opened for reading when it is a regular file: never through a symlink, never
+    blocking on a FIFO; :class:`SpecError` otherwise."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(path, flags)  # OSError for the caller to word
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError(f"{path}: {what} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        os.close(fd)
         raise
-    _fsync_dir(path.parent)
 
 
 def _now_rfc3339() -> str:
@@ -190,9 +234,20 @@ class WasmLayer:
     ``digest``/``size`` are those of the Wasm bytes themselves; ``media_type`` is the layer's
     (``application/wasm`` for an artifact). ``origin`` says where the bytes live: ``layer`` for
     an artifact layer, or ``tar:<layer digest>:<path>`` for a file inside an image's rootfs.
+    Only a small file found in a tar layer (up to 16 MiB) is held in memory; otherwise
+    :meth:`read_bytes` reads the blob (or streams through the tar layer again) when called.
     """
 
-    __slots__ = ("_data", "_layout", "descriptor", "digest", "media_type", "origin", "size")
+    __slots__ = (
+        "_data",
+        "_layout",
+        "_source",
+        "descriptor",
+        "digest",
+        "media_type",
+        "origin",
+        "size",
+    )
 
     def __init__(
         self,
@@ -201,9 +256,11 @@ class WasmLayer:
         *,
         origin: str = "layer",
         data: bytes | None = None,
+        source: tuple[Descriptor, str] | None = None,
     ) -> None:
         self._layout = layout
         self._data = data
+        self._source = source  # (tar layer, member path) the bytes are read from
         self.descriptor = descriptor
         self.digest: Digest = descriptor.digest
         self.media_type: str = descriptor.media_type
@@ -211,10 +268,25 @@ class WasmLayer:
         self.origin = origin
 
     def read_bytes(self) -> bytes:
-        """The Wasm bytes, read from the layout and verified against ``digest``."""
+        """The Wasm bytes, read from the layout and verified against ``digest``.
+
+        Raises :class:`SpecError` when they are over :data:`MAX_WASM_SIZE`, do not match, or
+        the layer holding them is bad.
+        """
         if self._data is not None:
             return self._data
-        return self._layout.read_blob(self.descriptor)
+        if self.size > MAX_WASM_SIZE:
+            raise SpecError(
+                f"{self._layout.path}: Wasm layer {self.digest} is {self.size} bytes, over the "
+                f"{MAX_WASM_SIZE}-byte cap"
+            )
+        if self._source is None:
+            return self._layout.read_blob(self.descriptor)
+        layer, member = self._source
+        found = _scan_tar_layer(self._layout, layer, member, [MAX_LAYER_SCAN], MAX_WASM_SIZE)
+        if found is None or found[2] is None or found[0] != self.digest:
+            raise SpecError(f"{self._layout.path}: layer {layer.digest} changed: /{member}")
+        return found[2]
 
     def __repr__(self) -> str:
         return f"WasmLayer({self.digest}, {self.media_type!r}, size={self.size}, {self.origin!r})"
@@ -234,13 +306,15 @@ class ImageLayout:
         root = Path(path)
         try:
             root.mkdir(parents=True, exist_ok=True)
-            (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SpecError(f"{root}: cannot create image layout: {exc.strerror}") from exc
+        _real_dir(root / "blobs")
+        _real_dir(root / "blobs" / "sha256")
         layout = cls(root)
-        if not (root / "oci-layout").exists():
+        # lexists: a planted (even dangling) symlink is not "missing"; open() refuses it.
+        if not os.path.lexists(root / "oci-layout"):
             _atomic_write(root / "oci-layout", LayoutHeader(image_layout_version="1.0.0").to_json())
-        if not (root / "index.json").exists():
+        if not os.path.lexists(root / "index.json"):
             _atomic_write(root / "index.json", Index(schema_version=2, manifests=[]).to_json())
         return cls.open(layout.path)
 
@@ -257,16 +331,8 @@ class ImageLayout:
         return layout
 
     def _read_small(self, path: Path, limit: int = MAX_MANIFEST_SIZE) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                data = f.read(limit + 1)
-        except FileNotFoundError:
-            raise SpecError(f"{path}: missing") from None
-        except OSError as exc:
-            raise SpecError(f"{path}: cannot read: {exc.strerror}") from exc
-        if len(data) > limit:
-            raise SpecError(f"{path}: larger than the {limit}-byte cap")
-        return data
+        # A regular file, not a symlink, FIFO or device, of at most ``limit`` bytes.
+        return _fs.read_regular(path, limit=limit, what=path.name, follow=False)
 
     # --- index -------------------------------------------------------------------------
 
@@ -283,8 +349,14 @@ class ImageLayout:
     def _locked(self) -> Iterator[None]:
         # Serialize our own read-modify-write of index.json (the oci-layout file is the lock,
         # so the layout gains no extra file).
-        fd = os.open(self.path / "oci-layout", os.O_RDONLY)
+        path = self.path / "oci-layout"
         try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SpecError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SpecError(f"{path}: not a regular file")
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
@@ -353,8 +425,11 @@ class ImageLayout:
         return self.path / "blobs" / d.algorithm / d.encoded
 
     def has_blob(self, digest: Digest | str) -> bool:
-        """Whether the blob file exists (its content is not checked)."""
-        return self.blob_path(digest).is_file()
+        """Whether the blob is there as a regular file, not a symlink (content not checked)."""
+        try:
+            return stat.S_ISREG(os.lstat(self.blob_path(digest)).st_mode)
+        except OSError:
+            return False
 
     def write_blob(
         self,
@@ -368,59 +443,73 @@ class ImageLayout:
     ) -> Descriptor:
         """Store ``content`` (bytes or a binary stream) and return its descriptor.
 
-        The bytes go to a temporary file next to the final path, are fsynced, then renamed; a
-        failure or interruption leaves no visible blob. With ``expected`` (and ``size``),
-        content whose digest (or length) differs raises :class:`SpecError`; nothing is stored.
+        The bytes go to a temporary file next to the final path (created exclusively: a planted
+        name is never followed), are fsynced, then renamed over the final name; a failure or
+        interruption leaves no visible blob. With ``expected`` (and ``size``), content whose
+        digest (or length) differs raises :class:`SpecError`; nothing is stored.
         """
         want = None if expected is None else Digest.parse(str(expected))
         algorithm = want.algorithm if want is not None else algorithm
         hasher = Digest.of(b"", algorithm).hasher()  # validates the algorithm
+        _real_dir(self.path / "blobs")
         directory = self.path / "blobs" / algorithm
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        written = 0
-        try:
-            with os.fdopen(fd, "wb") as out:
-                if isinstance(content, bytes | bytearray | memoryview):
-                    out.write(content)
-                    hasher.update(content)
-                    written = len(content)
-                else:
-                    while chunk := content.read(_CHUNK):
-                        out.write(chunk)
+        _real_dir(directory)
+        if isinstance(content, bytes | bytearray | memoryview):
+            data = bytes(content)
+            written = len(data)
+            hasher.update(data)
+            digest = self._checked(Digest(f"{algorithm}:{hasher.hexdigest()}"), want, size, written)
+            _atomic_write(self.blob_path(digest), data)
+        else:
+            written = 0
+            try:
+                fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")  # O_EXCL: no follow
+            except OSError as exc:
+                raise SpecError(f"{directory}: cannot write a blob: {exc.strerror}") from exc
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    while chunk := content.read(_CHUNK):  # a reader's own errors pass through
+                        _write_or_spec_error(out, chunk, directory)
                         hasher.update(chunk)
                         written += len(chunk)
                         if size is not None and written > size:
                             raise SpecError(f"blob is larger than the expected {size} bytes")
-                out.flush()
-                os.fsync(out.fileno())
-            digest = Digest(f"{algorithm}:{hasher.hexdigest()}")
-            if size is not None and written != size:
-                raise SpecError(f"blob size mismatch: expected {size} bytes, got {written}")
-            if want is not None and digest != want:
-                raise SpecError(f"blob digest mismatch: expected {want}, content is {digest}")
-            final = self.blob_path(digest)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(directory)
+                    _write_or_spec_error(out, None, directory)  # flush, chmod 0644, fsync
+                digest = Digest(f"{algorithm}:{hasher.hexdigest()}")
+                digest = self._checked(digest, want, size, written)
+                final = self.blob_path(digest)
+                try:
+                    os.replace(tmp, final)
+                except OSError as exc:
+                    raise SpecError(f"{final}: cannot write a blob: {exc.strerror}") from exc
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            _fs.fsync_dir(directory)
         descriptor = Descriptor(media_type=media_type, digest=digest, size=written)
         if annotations:
             descriptor.annotations = dict(annotations)
         return descriptor
 
+    @staticmethod
+    def _checked(digest: Digest, want: Digest | None, size: int | None, written: int) -> Digest:
+        if size is not None and written != size:
+            raise SpecError(f"blob size mismatch: expected {size} bytes, got {written}")
+        if want is not None and digest != want:
+            raise SpecError(f"blob digest mismatch: expected {want}, content is {digest}")
+        return digest
+
     def open_blob(self, descriptor: Descriptor) -> BlobReader:
         """A :class:`BlobReader` over the blob: size and digest verified while reading.
 
         A descriptor with embedded ``data`` is served from it when the blob file is absent.
+        The blob must be a regular file (a symlink, FIFO or device is a :class:`SpecError`).
         """
         path = self.blob_path(descriptor.digest)
         name = f"{path}"
         try:
-            raw: IO[bytes] = open(path, "rb")  # noqa: SIM115 - owned by the BlobReader
+            raw: IO[bytes] = _open_regular(path, "blob")
         except FileNotFoundError:
             data = descriptor.decoded_data()
             if data is None:
@@ -557,30 +646,140 @@ def _wasm_from_image(
     layout: ImageLayout, manifest: Manifest, entry: str, ref: str | None
 ) -> WasmLayer:
     wanted = posixpath.normpath("/" + entry).lstrip("/")
-    found: tuple[Descriptor, bytes] | None = None
+    found: tuple[Descriptor, Digest, int, bytes | None] | None = None
+    budget = [MAX_LAYER_SCAN]  # decompressed bytes left to scan, over all layers
     for layer in manifest.layers:
         if not layer.media_type.endswith(_TAR_LAYER_SUFFIXES):
             continue
         if layer.media_type.endswith("zstd"):
             raise SpecError(f"{layout.path}: {ref}: zstd layers are not supported")
-        data = layout.read_blob(layer)
-        if layer.media_type.endswith("gzip"):
-            try:
-                data = gzip.decompress(data)
-            except (OSError, EOFError) as exc:
-                raise SpecError(f"{layout.path}: layer {layer.digest}: bad gzip: {exc}") from exc
-        try:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-                for member in tar:
-                    name = posixpath.normpath("/" + member.name).lstrip("/")
-                    if name == wanted and member.isfile():
-                        extracted = tar.extractfile(member)
-                        if extracted is not None:
-                            found = (layer, extracted.read())
-        except tarfile.TarError as exc:
-            raise SpecError(f"{layout.path}: layer {layer.digest}: bad tar: {exc}") from exc
+        hit = _scan_tar_layer(layout, layer, wanted, budget, _KEEP_INLINE)
+        if hit is not None:
+            found = (layer, *hit)
     if found is None:
         raise SpecError(f"{layout.path}: {ref}: entrypoint {entry!r} is in no layer")
-    layer, wasm = found
-    descriptor = Descriptor(media_type=MEDIA_TYPE_WASM, digest=Digest.of(wasm), size=len(wasm))
-    return WasmLayer(layout, descriptor, origin=f"tar:{layer.digest}:/{wanted}", data=wasm)
+    layer, digest, size, data = found
+    descriptor = Descriptor(media_type=MEDIA_TYPE_WASM, digest=digest, size=size)
+    return WasmLayer(
+        layout,
+        descriptor,
+        origin=f"tar:{layer.digest}:/{wanted}",
+        data=data,  # a small module is kept; a larger one is streamed again when read
+        source=(layer, wanted),
+    )
+
+
+_KEEP_INLINE = 16 << 20  # a Wasm file found in a tar layer is kept in memory up to this size
+
+
+_MAX_TAR_HEADER = 1 << 20  # a pax or GNU long-name header's own data
+_MAX_HEADER_CHAIN = 8  # extended headers before one member
+_EXTENDED_HEADERS = frozenset(
+    {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, b"X"}
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended headers are bounded: tarfile reads a pax or long-name
+    header's data whole, and chains them by recursion; a hostile layer would get gigabytes
+    read into memory or a ``RecursionError``."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type not in _EXTENDED_HEADERS:
+            return super()._proc_member(tar)  # type: ignore[misc,no-any-return]
+        if self.size > _MAX_TAR_HEADER:
+            raise SpecError(
+                f"extended tar header of {self.size} bytes, over the {_MAX_TAR_HEADER}-byte cap"
+            )
+        depth = getattr(tar, "_wd_chain", 0) + 1
+        if depth > _MAX_HEADER_CHAIN:
+            raise SpecError(f"more than {_MAX_HEADER_CHAIN} extended tar headers in a row")
+        setattr(tar, "_wd_chain", depth)  # noqa: B010 - private state on tarfile's object
+        try:
+            return super()._proc_member(tar)  # type: ignore[misc,no-any-return]
+        finally:
+            setattr(tar, "_wd_chain", depth - 1)  # noqa: B010
+
+
+class _Budget(io.RawIOBase):
+    """The decompressed stream of a layer, refusing to go past the scan budget."""
+
+    def __init__(self, inner: IO[bytes], budget: list[int], name: str) -> None:
+        super().__init__()
+        self._inner = inner
+        self._budget = budget
+        self._name = name
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._inner.readinto(buffer)  # type: ignore[attr-defined]
+        self._budget[0] -= n
+        if self._budget[0] < 0:
+            raise SpecError(
+                f"{self._name}: over {MAX_LAYER_SCAN} decompressed bytes scanned for the "
+                "entrypoint (MAX_LAYER_SCAN)"
+            )
+        return int(n)
+
+
+def _scan_tar_layer(
+    layout: ImageLayout, layer: Descriptor, wanted: str, budget: list[int], keep: int
+) -> tuple[Digest, int, bytes | None] | None:
+    """Stream through a tar (or tar+gzip) layer for the last regular file named ``wanted``.
+
+    Returns its digest, size and (when it is at most ``keep`` bytes) its bytes, or ``None``.
+    Memory stays bounded: the layer is decompressed and read as a stream, a matching member
+    over :data:`MAX_WASM_SIZE` is refused from its header, and the whole layer is read to its
+    end so its digest is verified before anything found in it is used.
+    """
+    name = f"{layout.path}: layer {layer.digest}"
+    found: tuple[Digest, int, bytes | None] | None = None
+    with layout.open_blob(layer) as raw:
+        try:
+            source: Any = raw
+            if layer.media_type.endswith("gzip"):
+                source = gzip.GzipFile(fileobj=raw, mode="rb")
+            stream: Any = _Budget(source, budget, name)
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo) as tar:
+                while (member := tar.next()) is not None:
+                    # Stream mode still lists every member: keep none (millions of headers).
+                    tar.members.clear()  # type: ignore[attr-defined]
+                    if posixpath.normpath("/" + member.name).lstrip("/") != wanted:
+                        continue
+                    if not member.isfile():
+                        continue
+                    if member.size > MAX_WASM_SIZE:
+                        raise SpecError(
+                            f"{name}: /{wanted} is {member.size} bytes, over the "
+                            f"{MAX_WASM_SIZE}-byte cap for a Wasm file (MAX_WASM_SIZE)"
+                        )
+                    found = _read_member(tar, member, member.size <= keep)
+            while raw.read(_CHUNK):  # the rest of the blob: verifies its size and digest
+                pass
+        except tarfile.TarError as exc:
+            raise SpecError(f"{name}: bad tar: {exc}") from exc
+        except (OSError, EOFError, zlib.error) as exc:
+            raise SpecError(f"{name}: bad gzip or unreadable layer: {exc}") from exc
+        except RecursionError as exc:
+            raise SpecError(f"{name}: bad tar: headers nested too deeply") from exc
+    return found
+
+
+def _read_member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, keep: bool
+) -> tuple[Digest, int, bytes | None]:
+    extracted = tar.extractfile(member)
+    if extracted is None:  # pragma: no cover - a regular member always has a file object
+        raise SpecError(f"cannot read /{member.name}")
+    hasher = Digest.of(b"").hasher()
+    chunks: list[bytes] = []
+    size = 0
+    with extracted:
+        while chunk := extracted.read(_CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+            if keep:
+                chunks.append(chunk)
+    return Digest(f"sha256:{hasher.hexdigest()}"), size, b"".join(chunks) if keep else None

@@ -26,7 +26,16 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StringConstraints
 
 from wasidispatch._resolve import DEFAULT_PATH
-from wasidispatch.oci._base import Int32, Int64, OCIModel, Uint8, Uint16, Uint32, Uint64
+from wasidispatch.oci._base import (
+    CString,
+    Int32,
+    Int64,
+    OCIModel,
+    Uint8,
+    Uint16,
+    Uint32,
+    Uint64,
+)
 
 __all__ = [
     "DEFAULT_PATH",
@@ -148,10 +157,10 @@ class IDMapping(OCIModel):
 class Mount(OCIModel):
     """One entry of ``mounts``."""
 
-    destination: str
-    source: str | None = None
-    options: list[str] | None = None
-    type: str | None = None
+    destination: CString
+    source: CString | None = None
+    options: list[CString] | None = None
+    type: CString | None = None
     uid_mappings: list[IDMapping] | None = None
     gid_mappings: list[IDMapping] | None = None
 
@@ -159,9 +168,9 @@ class Mount(OCIModel):
 class Hook(OCIModel):
     """A lifecycle hook: a host binary run with ``args``/``env`` and an optional timeout."""
 
-    path: str
-    args: list[str] | None = None
-    env: list[str] | None = None
+    path: CString
+    args: list[CString] | None = None
+    env: list[CString] | None = None
     timeout: Annotated[int, Field(ge=1)] | None = None
 
 
@@ -179,7 +188,7 @@ class Hooks(OCIModel):
 class Root(OCIModel):
     """The container's root filesystem: ``path`` (relative to the bundle or absolute)."""
 
-    path: str
+    path: CString
     readonly: bool | None = None
 
 
@@ -252,11 +261,11 @@ class ExecCPUAffinity(OCIModel):
 class Process(OCIModel):
     """The container process: ``args``, ``env`` (exactly the spec's), ``cwd`` and the rest."""
 
-    cwd: str
-    args: list[str] | None = None
+    cwd: CString
+    args: list[CString] | None = None
     command_line: str | None = None
     console_size: ConsoleSize | None = None
-    env: list[str] | None = None
+    env: list[CString] | None = None
     terminal: bool | None = None
     user: User | None = None
     capabilities: Capabilities | None = None
@@ -291,7 +300,7 @@ class Device(OCIModel):
     """A device node created in the container (``linux.devices``)."""
 
     type: Annotated[str, StringConstraints(pattern=r"^[cbup]$")]
-    path: str
+    path: CString
     file_mode: FileMode | None = None
     major: Int64 | None = None
     minor: Int64 | None = None
@@ -309,7 +318,7 @@ class Namespace(OCIModel):
     """A namespace to create (no ``path``) or join (``path``)."""
 
     type: NamespaceType
-    path: str | None = None
+    path: CString | None = None
 
 
 class DeviceCgroup(OCIModel):
@@ -523,12 +532,12 @@ class Linux(OCIModel):
     gid_mappings: list[IDMapping] | None = None
     namespaces: list[Namespace] | None = None
     resources: LinuxResources | None = None
-    cgroups_path: str | None = None
+    cgroups_path: CString | None = None
     rootfs_propagation: Literal["private", "shared", "slave", "unbindable"] | None = None
     seccomp: Seccomp | None = None
     sysctl: dict[str, str] | None = None
-    masked_paths: list[str] | None = None
-    readonly_paths: list[str] | None = None
+    masked_paths: list[CString] | None = None
+    readonly_paths: list[CString] | None = None
     mount_label: str | None = None
     intel_rdt: IntelRdt | None = None
     memory_policy: MemoryPolicy | None = None
