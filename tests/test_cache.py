@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -13,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -1058,3 +1060,106 @@ def test_a_record_that_is_a_fifo_or_endless_neither_hangs_nor_eats_memory(
     assert art is not None
     assert art.hit
     assert _run(engine, hello, art) == b"hello from the cache\n"
+
+
+# -- the cache is an optimisation (issue 11, item 3) ---------------------------------------------
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """``mount(options)``: a fresh tmpfs under tmp_path (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted: list[Path] = []
+
+    def mount(options: str = "size=4m") -> Path:
+        point = tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
+        mounted.append(point)
+        return point
+
+    try:
+        yield mount
+    finally:
+        for point in reversed(mounted):
+            subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def _hello_workload(path: Path) -> Workload:
+    return Workload(wasm=path, argv=("hello",), stdout=Stdio.capture(), stderr=Stdio.null())
+
+
+def _uncached_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "running uncached" in r.getMessage()
+    ]
+
+
+def test_a_read_only_cache_runs_the_workload_uncached_and_warns_once(
+    tmpfs: Callable[..., Path],
+    engine: WasmtimeEngine,
+    hello: bytes,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    point = tmpfs()
+    cache = PrecompileCache(point / "cache")
+    wasm = tmp_path / "hello.wasm"
+    wasm.write_bytes(hello)
+    subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
+    with caplog.at_level(logging.DEBUG, logger="wasidispatch.cache"):
+        for _ in range(3):
+            workload = cache.with_precompiled(engine, _hello_workload(wasm))
+            assert isinstance(workload.precompiled, bytes)  # compiled, not stored
+            assert engine.run(workload).stdout == b"hello from the cache\n"
+    (warning,) = _uncached_warnings(caplog)  # once per cause, not per run
+    assert "Read-only file system" in warning
+    assert str(point / "cache") in warning
+    assert not [p for p in (point / "cache" / "v1" / "entries").iterdir()]
+    with pytest.raises(CacheError, match="Read-only file system"):
+        cache.artifact(engine, wasm)  # the explicit API says so
+    assert cache.stats().entries == 0  # and the stats still read
+
+
+def test_a_full_cache_file_system_runs_the_workload_uncached(
+    tmpfs: Callable[..., Path],
+    engine: WasmtimeEngine,
+    hello: bytes,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from wasidispatch.executor import WasmExecutor
+    from wasidispatch.oci.bundle import Bundle
+
+    point = tmpfs("size=64k")
+    cache = PrecompileCache(point / "cache")
+    fd = os.open(point / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    with contextlib.suppress(OSError):
+        while True:  # leave no block free
+            os.write(fd, b"\0" * 4096)
+    os.close(fd)
+    bundle_dir = tmp_path / "bundle"
+    (bundle_dir / "rootfs").mkdir(parents=True)
+    (bundle_dir / "rootfs" / "hello.wasm").write_bytes(hello)
+    (bundle_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "ociVersion": "1.0.2",
+                "process": {"args": ["/hello.wasm"], "cwd": "/"},
+                "root": {"path": "rootfs"},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    executor = WasmExecutor("wasmtime", cache=cache, stdout=Stdio.file(out))
+    with caplog.at_level(logging.WARNING, logger="wasidispatch.cache"):
+        assert executor.exec(Bundle.load(bundle_dir)) == 0
+        assert executor.exec(Bundle.load(bundle_dir)) == 0
+    assert out.read_bytes() == b"hello from the cache\n"
+    (warning,) = _uncached_warnings(caplog)
+    assert "No space left on device" in warning
+    leftovers = [p.name for p in (point / "cache" / "v1" / "entries").iterdir()]
+    assert not [n for n in leftovers if not n.endswith(".lock")]  # nothing half written
