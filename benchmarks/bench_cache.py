@@ -18,6 +18,9 @@ Contenders:
   ``compile`` for ``1mb``;
 * ``hit``: the cache lookup alone (digest known, as for an OCI layer);
 * ``hit, hash wasm``: the lookup when the caller does not know the digest (hashes the Wasm);
+* ``with_precompiled, wasm path``: what an executor's warm run does for a bundle, a
+  `Workload` whose ``wasm`` is a path and no digest (the file's digest is remembered per
+  file identity, so only a ``stat`` is added over ``hit``);
 * ``hit, new instance``: a fresh `PrecompileCache` each time (constructor with its directory
   checks included), so the artifact's sha256 is checked in full: the first hit of a process.
 
@@ -263,6 +266,18 @@ def test_hit_hashing_the_wasm(
     art = benchmark(item.cache.artifact, native, item.wasm)
     assert art is not None
     assert art.hit
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_warm_with_precompiled_on_a_path(
+    benchmark: BenchmarkFixture, inputs: dict[str, Input], native: NativeWasmtime, size: str
+) -> None:
+    item = _input(inputs, size)
+    benchmark.group = f"cache {size}"
+    benchmark.name = "with_precompiled, wasm path"
+    workload = Workload(wasm=item.path, argv=("bench",))
+    got = benchmark(item.cache.with_precompiled, native, workload)
+    assert got.precompiled is not None
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -1163,3 +1163,74 @@ def test_a_full_cache_file_system_runs_the_workload_uncached(
     assert "No space left on device" in warning
     leftovers = [p.name for p in (point / "cache" / "v1" / "entries").iterdir()]
     assert not [n for n in leftovers if not n.endswith(".lock")]  # nothing half written
+
+
+# -- a warm exec does not hash the module again (issue 11, item 6) ------------------------------
+
+
+class _CountingHashlib:
+    """``hashlib`` for the cache module, counting the hashes of given Wasm modules."""
+
+    def __init__(self, *modules: bytes) -> None:
+        self.modules = modules
+        self.module_hashes = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(hashlib, name)
+
+    def sha256(self, data: bytes = b"", **kw: bool) -> hashlib._Hash:
+        if bytes(data) in self.modules:
+            self.module_hashes += 1
+        return hashlib.sha256(data, **kw)
+
+
+def test_a_warm_exec_does_not_hash_an_unchanged_module_file(
+    cache: PrecompileCache,
+    engine: WasmtimeEngine,
+    hello: bytes,
+    evil: bytes,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import wasidispatch.cache as cache_mod
+
+    assert len(evil) == len(hello)  # an edit in place keeps the size
+    spy = _CountingHashlib(hello, evil)
+    monkeypatch.setattr(cache_mod, "hashlib", spy)
+    monkeypatch.setattr(cache_mod, "_RACY_NS", 0, raising=False)  # the file is brand new
+    wasm = tmp_path / "app.wasm"
+    wasm.write_bytes(hello)
+    for _ in range(4):
+        ran = engine.run(cache.with_precompiled(engine, _hello_workload(wasm)))
+        assert ran.stdout == b"hello from the cache\n"
+    assert spy.module_hashes == 1  # the first exec only
+    before = wasm.stat()
+    with wasm.open("r+b") as f:  # edited in place: same inode, same size, new mtime
+        f.write(evil)
+    os.utime(wasm, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    for _ in range(2):
+        ran = engine.run(cache.with_precompiled(engine, _hello_workload(wasm)))
+        assert ran.stdout == b"EVIL planted module!\n"
+    assert spy.module_hashes == 2
+    assert cache.session_stats().hits == 4
+
+
+def test_a_module_changed_just_before_it_was_hashed_is_hashed_again(
+    cache: PrecompileCache,
+    engine: WasmtimeEngine,
+    hello: bytes,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Within the timestamp granularity a write may not change the identity: a file changed
+    less than _RACY_NS before it was hashed is not remembered (as git does)."""
+    import wasidispatch.cache as cache_mod
+
+    spy = _CountingHashlib(hello)
+    monkeypatch.setattr(cache_mod, "hashlib", spy)
+    monkeypatch.setattr(cache_mod, "_RACY_NS", 3600 * 10**9)
+    wasm = tmp_path / "app.wasm"
+    wasm.write_bytes(hello)
+    for _ in range(2):
+        assert cache.with_precompiled(engine, _hello_workload(wasm)).precompiled is not None
+    assert spy.module_hashes == 2
