@@ -3,18 +3,25 @@
 Private: the public way to read a bundle is `wasidispatch.oci.bundle.Bundle`. The config.json
 written here follows what ``runc spec`` produces (namespaces, masked paths, a read-only root),
 so the same bundle runs unchanged in runc and in the Wasm executor.
+
+Every file is written through :func:`wasidispatch._fs.write_atomic`: a symlink or a file
+planted at a final or temporary name is replaced, never followed, and a symlinked directory on
+the way into the bundle (``rootfs``, ``rootfs/bin``, ...) is refused with ``SpecError``, so
+writing a bundle never writes outside it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import posixpath
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from wasidispatch import _resolve
+from wasidispatch import _fs, _resolve
+from wasidispatch.errors import SpecError
 
 BUSYBOX = Path("/bin/busybox")
 DEFAULT_PATH = f"PATH={_resolve.DEFAULT_PATH}"
@@ -74,6 +81,24 @@ def config(
     return doc
 
 
+def _real_dirs(base: Path, rel: Path) -> Path:
+    """``base/rel`` as directories made one component at a time; a component that is a
+    symlink (or not a directory) is refused, so nothing is created outside ``base``."""
+    current = base
+    for part in rel.parts:
+        if part in ("", ".", ".."):
+            raise SpecError(f"{base / rel}: not a plain path inside the bundle")
+        current = current / part
+        try:
+            current.mkdir(exist_ok=True)
+            mode = os.lstat(current).st_mode
+        except OSError as exc:
+            raise SpecError(f"{current}: cannot create directory: {exc.strerror}") from exc
+        if not stat.S_ISDIR(mode):
+            raise SpecError(f"{current}: not a directory (a symlink or a file is in the way)")
+    return current
+
+
 def write_bundle(
     directory: str | os.PathLike[str],
     files: Mapping[str, bytes | Path],
@@ -87,24 +112,23 @@ def write_bundle(
     a host file to copy) and a config.json for ``args``. Paths in ``executable`` get mode 0755.
     """
     bundle = Path(directory)
-    rootfs = bundle / "rootfs"
-    rootfs.mkdir(parents=True, exist_ok=True)
+    bundle.mkdir(parents=True, exist_ok=True)
+    rootfs = _real_dirs(bundle, Path("rootfs"))
     for rel, content in files.items():
-        target = rootfs / rel.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, Path):
-            shutil.copyfile(content, target)
-        else:
-            target.write_bytes(content)
-        target.chmod(0o755 if rel in executable else 0o644)
+        # ".." is taken as the container takes it (it stops at "/"): never above the rootfs.
+        target_rel = Path(posixpath.normpath("/" + rel).lstrip("/"))
+        parent = _real_dirs(rootfs, target_rel.parent)
+        data = content.read_bytes() if isinstance(content, Path) else content
+        mode = 0o755 if rel in executable else 0o644
+        _fs.write_atomic(parent / target_rel.name, data, mode=mode)
     for rel, dest in (symlinks or {}).items():
-        link = rootfs / rel.lstrip("/")
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
+        link_rel = Path(posixpath.normpath("/" + rel).lstrip("/"))
+        link = _real_dirs(rootfs, link_rel.parent) / link_rel.name
+        if os.path.lexists(link):
             link.unlink()
-        link.symlink_to(dest)
+        link.symlink_to(dest)  # symlink(2) never follows what it creates
     doc = config(args, **config_options)
-    (bundle / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
+    _fs.write_atomic(bundle / "config.json", (json.dumps(doc, indent=2) + "\n").encode())
     return bundle
 
 

@@ -75,16 +75,33 @@ def _detected(data: bytes) -> str:
 
 
 def _file(path: Path) -> dict[str, Any]:
-    from wasidispatch.detect import sniff_path
-    from wasidispatch.oci.image import Digest
+    import hashlib
+    import os
+    import stat
 
-    data = path.read_bytes()
+    from wasidispatch.detect import sniff_path
+    from wasidispatch.errors import SpecError
+
+    # Hashed as a stream (a 10 GB file costs no memory); opened without blocking on a FIFO.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SpecError(f"{path}: not a regular file")
+        os.set_blocking(fd, True)
+        hasher = hashlib.sha256()
+        size = 0
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+            size += len(chunk)
     detected = sniff_path(path)
     return {
         "kind": "wasm file" if detected.is_wasm else "file",
         "path": str(path),
-        "size": len(data),
-        "digest": str(Digest.of(data)),
+        "size": size,
+        "digest": f"sha256:{hasher.hexdigest()}",
         "format": str(detected),
     }
 
@@ -153,5 +170,17 @@ def _image(layout: Any, ref: str) -> dict[str, Any]:
         item["type"] = "artifact"
     wasm = wasm_layers(layout, ref)
     if wasm:
-        item["wasm"] = [f"{_detected(w.read_bytes())} {w.digest}" for w in wasm]
+        item["wasm"] = [f"{_sniff_layer(layout, w)} {w.digest}" for w in wasm]
     return item
+
+
+def _sniff_layer(layout: Any, layer: Any) -> str:
+    """The detected format of a Wasm layer; an artifact layer is streamed (verified to its
+    end, only its head kept), so inspecting a large module costs no memory."""
+    if layer.origin != "layer":
+        return _detected(layer.read_bytes())
+    with layout.open_blob(layer.descriptor) as reader:
+        head = reader.read(4096)
+        while reader.read(1 << 20):
+            pass
+    return _detected(head)

@@ -1,6 +1,8 @@
 """``wasidispatch pack FILE.wasm DIR:TAG``: build a Wasm OCI artifact inside an image layout.
 
-The layout is created when missing (and removed again when the pack fails); ``os`` is
+The layout is created when missing (and removed again when the pack fails), written through
+:mod:`wasidispatch._fs` (nothing planted in it is followed); FILE.wasm must be a regular file
+of at most 1 GiB (``MAX_WASM_SIZE``). ``os`` is
 ``wasip1`` for a core module and ``wasip2`` for a component (from the file's bytes). Prints the
 manifest digest.
 """
@@ -53,17 +55,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Pack the file; prints ``DIR:TAG sha256:...``."""
+    from wasidispatch import _fs
     from wasidispatch.errors import SpecError
-    from wasidispatch.oci.layout import ImageLayout, pack_wasm
+    from wasidispatch.oci.layout import MAX_WASM_SIZE, ImageLayout, pack_wasm
 
     directory, tag = split_layout_ref(args.target, must_exist=False)
     if tag is None:
         raise SpecError(f"{args.target}: give the target as DIR:TAG")
-    try:
-        with open(args.wasm, "rb") as f:
-            wasm = f.read()
-    except OSError as exc:
-        raise SpecError(f"{args.wasm}: cannot read: {exc.strerror}") from exc
+    # A regular file of at most MAX_WASM_SIZE: a FIFO or /dev/zero is refused, never read.
+    wasm = _fs.read_regular(args.wasm, limit=MAX_WASM_SIZE, what="FILE.wasm")
     created = not os.path.lexists(directory)
     layout = ImageLayout.create(directory)
     try:

@@ -67,7 +67,10 @@ class Bundle:
         config = bundle / "config.json"
         if not bundle.is_dir():
             raise SpecError(f"{bundle}: not a bundle directory")
-        data = _fs.read_regular(config, limit=_fs.CONFIG_LIMIT, what="config.json")
+        try:
+            data = _fs.read_regular(config, limit=_fs.CONFIG_LIMIT, what="config.json")
+        except SpecError as exc:  # every bundle error starts with the file it is about
+            raise SpecError(f"{config}: cannot read: {exc}") from exc
         spec = Spec.parse(data, source=str(config))
         if spec.root is None:
             raise SpecError(f"{config}: root.path: required to run a container")
