@@ -763,7 +763,10 @@ def test_cli_warm_stats_clear(
     assert {e["module_digest"] for e in doc["list"]} == {
         "sha256:" + hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files
     }
-    cached = PrecompileCache(d).artifact(WasmtimeEngine(), Path(files[0]))
+    from wasidispatch import engines
+
+    # warmed for the engine the executor runs by default
+    cached = PrecompileCache(d).artifact(engines.get("wasmtime-fast"), Path(files[0]))
     assert cached is not None
     assert cached.hit
 
@@ -816,7 +819,8 @@ def test_cli_warms_a_bundle_and_a_layout(
     pack_wasm(layout, other, "latest", created=None)  # the same layer twice: warmed once
 
     d = str(tmp_path / "c")
-    assert main(["cache", "warm", "--dir", d, str(bundle), str(layout_dir)]) == 0
+    warm = ["cache", "warm", "--dir", d, "--engine", "wasmtime"]
+    assert main([*warm, str(bundle), str(layout_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     assert lines[0].split()[0] == "compiled"

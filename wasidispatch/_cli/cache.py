@@ -1,9 +1,13 @@
 """``wasidispatch cache stats|clear|warm``: inspect, empty or fill the precompile cache.
 
 ``warm PATH...`` precompiles ahead of time: a Wasm file, a runtime bundle's Wasm entrypoint
-(a directory with ``config.json``), or the Wasm layers of an OCI image layout (a directory with
-``oci-layout``). On a terminal a progress bar on stderr follows many or large inputs. Exit
-status 0 when every PATH was warmed, 1 when any could not be (the others are still warmed).
+(a directory with ``config.json``), or the Wasm layers of an OCI image layout ``DIR[:TAG]`` (a
+directory with ``oci-layout``; every tag, or only ``TAG``). Each is compiled for the engine
+`WasmExecutor` would run it on (``wasidispatch run`` and the executors): for a bundle exactly
+`WasmExecutor.plan` (its ``dev.wasidispatch.engine`` annotation included), otherwise the first
+engine of the same order (``--engine``, repeated, or the default) that can run the module. On
+a terminal a progress bar on stderr follows many or large inputs. Exit status 0 when every
+PATH was warmed, 1 when any could not be (the others are still warmed).
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, TextIO, cast
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from wasidispatch.cache import PrecompileCache
+    from wasidispatch.engines import Engine
+    from wasidispatch.executor import BundleLike, WasmExecutor
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -32,10 +40,12 @@ def parse_size(text: str) -> int:
         >>> parse_size("2G"), parse_size("512MiB"), parse_size("1000")
         (2147483648, 536870912, 1000)
     """
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
     if m is None:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    whole, _, fraction = m.group(1).partition(".")
+    scale: int = 10 ** len(fraction)  # exact integer arithmetic: no float overflow or rounding
+    value = (int(whole) * scale + int(fraction or 0)) * _UNITS[m.group(2).lower()] // scale
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return value
@@ -88,12 +98,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="precompile Wasm files, bundles or OCI layouts ahead of time",
         description=(
             "Precompile each PATH: a Wasm file, a runtime bundle (a directory with "
-            "config.json; its Wasm entrypoint) or an OCI image layout (a directory with "
-            "oci-layout; its Wasm layers)."
+            "config.json; its Wasm entrypoint) or an OCI image layout DIR[:TAG] (a directory "
+            "with oci-layout; the Wasm layers of TAG, or of every tag). Each is compiled for "
+            "the engine 'wasidispatch run' would pick."
         ),
     )
     warm.add_argument("paths", nargs="+", metavar="PATH")
-    warm.add_argument("--engine", default="wasmtime", help="engine to compile for (wasmtime)")
+    warm.add_argument(
+        "--engine",
+        action="append",
+        help="Wasm engine, as for 'wasidispatch run' (repeat for fallbacks; default: "
+        "wasmtime-fast, wasmtime, wasmer)",
+    )
     warm.add_argument(
         "--progress",
         choices=("auto", "always", "never"),
@@ -146,15 +162,36 @@ def _stats(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Target:
-    """One Wasm binary to warm: a file, or bytes read (and digest-verified) on demand."""
+    """One Wasm binary to warm: a file, or bytes read (and digest-verified) on demand, and how
+    to pick its engine (``bundle``: the executor's plan; otherwise the executor's order)."""
 
     label: str
     source: Path | Callable[[], bytes]
     digest: str | None = None
     size: int = 0
+    bundle: BundleLike | None = None
 
     def wasm(self) -> Path | bytes:
         return self.source if isinstance(self.source, Path) else self.source()
+
+
+@dataclass(frozen=True, slots=True)
+class _NoBundle:
+    """What `WasmExecutor.select_engine` reads of a bundle (its annotations) for a module
+    that comes without one."""
+
+    annotations: Mapping[str, str]
+
+
+def _engine_for(executor: WasmExecutor, target: _Target, wasm: Path | bytes) -> Engine:
+    """The engine ``executor`` would run ``target`` on (raises `CantHandle` when none)."""
+    from wasidispatch.engines import Workload
+
+    if target.bundle is not None:
+        return executor.plan(target.bundle).engine
+    workload = Workload(wasm=wasm, argv=(target.label,))
+    stand_in = cast("BundleLike", _NoBundle({}))  # only the annotations are read
+    return executor.select_engine(workload, stand_in)[0]
 
 
 class _Progress:
@@ -195,14 +232,18 @@ class _Progress:
             self.stream.flush()
 
 
-def _targets(path: Path) -> list[_Target]:
+def _targets(arg: str) -> list[_Target]:
     """What to precompile for one PATH; raises a WasiDispatchError when there is nothing."""
+    from wasidispatch._cli.pack import split_layout_ref
     from wasidispatch.detect import sniff_path
     from wasidispatch.errors import DetectionError
 
+    directory, tag = split_layout_ref(arg)
+    path = Path(directory)
+    if path.is_dir() and (path / "oci-layout").is_file():
+        return _layout_targets(path, tag)
+    path = Path(arg)
     if path.is_dir():
-        if (path / "oci-layout").is_file():
-            return _layout_targets(path)
         if (path / "config.json").is_file():
             return _bundle_targets(path)
         raise DetectionError(
@@ -229,15 +270,16 @@ def _bundle_targets(path: Path) -> list[_Target]:
             f"{path}: the entrypoint {entry} is not Wasm (detected {detected.format})"
         )
     inside = entry.relative_to(bundle.rootfs) if entry.is_relative_to(bundle.rootfs) else entry
-    return [_Target(f"{path}:/{inside}", entry, size=entry.stat().st_size)]
+    return [_Target(f"{path}:/{inside}", entry, size=entry.stat().st_size, bundle=bundle)]
 
 
-def _layout_targets(path: Path) -> list[_Target]:
-    """The Wasm layers of every reference in the layout (of its only manifest if untagged)."""
+def _layout_targets(path: Path, tag: str | None) -> list[_Target]:
+    """The Wasm layers of ``tag``, or of every reference in the layout (of its only manifest
+    if untagged)."""
     from wasidispatch.oci.layout import ImageLayout, wasm_layers
 
     layout = ImageLayout.open(path)
-    refs: list[str | None] = list(layout.refs()) or [None]
+    refs: list[str | None] = [tag] if tag is not None else (list(layout.refs()) or [None])
     targets: list[_Target] = []
     seen: set[str] = set()
     for ref in refs:
@@ -252,18 +294,17 @@ def _layout_targets(path: Path) -> list[_Target]:
 
 
 def _warm(args: argparse.Namespace) -> int:
-    from wasidispatch import engines
     from wasidispatch.errors import WasiDispatchError
+    from wasidispatch.executor import WasmExecutor
 
-    engine = engines.get(args.engine)
-    if not engine.capabilities.precompile:
-        raise WasiDispatchError(f"engine {args.engine!r} cannot precompile")
+    choices: list[str] | None = args.engine
+    executor = WasmExecutor(tuple(choices) if choices else None)
     cache = _open_cache(args)
     status = 0
     targets: list[_Target] = []
     for p in args.paths:
         try:
-            targets.extend(_targets(Path(p)))
+            targets.extend(_targets(p))
         except (WasiDispatchError, OSError) as exc:
             print(f"wasidispatch cache warm: {exc}", file=sys.stderr)
             status = 1
@@ -277,8 +318,12 @@ def _warm(args: argparse.Namespace) -> int:
     for t in targets:
         bar.start(t.label)
         began = time.perf_counter()
+        engine_name = "-"
         try:
-            art = cache.artifact(engine, t.wasm(), digest=t.digest)
+            wasm = t.wasm()
+            engine = _engine_for(executor, t, wasm)
+            engine_name = engine.name
+            art = cache.artifact(engine, wasm, digest=t.digest)
         except (WasiDispatchError, OSError) as exc:
             bar.clear()
             print(f"wasidispatch cache warm: {t.label}: {exc}", file=sys.stderr)
@@ -288,10 +333,14 @@ def _warm(args: argparse.Namespace) -> int:
         took = time.perf_counter() - began
         bar.advance(t.size)
         bar.clear()
-        if art is None:  # the engine declined this module
-            print(f"{'skipped':<8} {'':>10}  {t.label:<{width}}")
+        if art is None:  # the engine cannot precompile, or declined this module
+            print(f"{'skipped':<8} {'':>10}  {t.label:<{width}}  {engine_name}", flush=True)
         else:
             state = "cached" if art.hit else "compiled"
-            print(f"{state:<8} {_human(art.size):>10}  {t.label:<{width}}  {took:.3f}s", flush=True)
+            print(
+                f"{state:<8} {_human(art.size):>10}  {t.label:<{width}}  {engine_name}  "
+                f"{took:.3f}s",
+                flush=True,
+            )
     bar.clear()
     return status
