@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import wasmtime
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wasidispatch.cache import (
@@ -1238,3 +1238,132 @@ def test_a_module_changed_just_before_it_was_hashed_is_hashed_again(
     for _ in range(2):
         assert cache.with_precompiled(engine, _hello_workload(wasm)).precompiled is not None
     assert spy.module_hashes == 2
+
+
+# -- bad values in records, counters and arguments (issue 11, item 4) ---------------------------
+
+_DEEP = "[" * 50_000 + "]" * 50_000  # under the record cap, far over the parser's recursion
+
+
+def _record_path(cache: PrecompileCache, key: str) -> Path:
+    return _entries_dir(cache) / f"{key}.json"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda r: r | {"size": "12"},
+        lambda r: r | {"size": True},
+        lambda r: r | {"size": -1},
+        lambda r: r | {"size": 10**30},
+        lambda r: r | {"size": None},
+        lambda r: r | {"sha256": 123},
+        lambda r: r | {"sha256": "zz" * 32},
+        lambda r: r | {"sha256": [r["sha256"]]},
+        lambda r: r | {"key": {"nested": [1, 2]}},
+        lambda r: [r],
+        lambda r: None,
+        lambda r: "NaN-size",
+        lambda r: "inf-size",
+        lambda r: "deep",
+        lambda r: "deep-field",
+    ],
+)
+def test_a_record_with_bad_values_is_discarded_never_raised(
+    cache: PrecompileCache,
+    hello: bytes,
+    caplog: pytest.LogCaptureFixture,
+    edit: Callable[..., object],
+) -> None:
+    fake = Fake()
+    art = cache.artifact(fake, hello)
+    assert art is not None
+    path = _record_path(cache, art.key)
+    record = json.loads(path.read_text())
+    edited = edit(record)
+    text = {
+        "NaN-size": json.dumps(record).replace(f'"size": {art.size}', '"size": NaN'),
+        "inf-size": json.dumps(record).replace(f'"size": {art.size}', '"size": 1e400'),
+        "deep": _DEEP,
+        "deep-field": json.dumps(record)[:-1] + ', "x": ' + _DEEP + "}",
+    }.get(edited if isinstance(edited, str) else "")
+    path.write_text(text if text is not None else json.dumps(edited))
+    fresh = PrecompileCache(cache.directory)  # nothing remembered: it reads the record
+    assert [e.key for e in fresh.entries()] in ([], [art.key])  # listing copes
+    with caplog.at_level(logging.WARNING, logger="wasidispatch.cache"):
+        again = fresh.artifact(fake, hello)
+    assert again is not None
+    assert not again.hit  # discarded and compiled again
+    assert "discarding corrupt precompile cache entry" in caplog.text
+    assert fake.compiles == 2
+    assert fresh.stats().corruptions == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"hits": 1e400, "misses": NaN, "evictions": true, "corruptions": -5}',
+        '{"hits": "3", "misses": [1], "evictions": {"a": 1}, "corruptions": null}',
+        "[1, 2, 3]",
+        _DEEP,
+        "\udcff not utf-8",
+    ],
+)
+def test_bad_counters_count_as_zero(cache: PrecompileCache, text: str) -> None:
+    (cache.directory / "v1" / "stats.json").write_text(text, errors="surrogateescape")
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.evictions, stats.corruptions) == (0, 0, 0, 0)
+    assert cache.artifact(Fake(), b"\0asm\1\0\0\0") is not None
+    assert cache.stats().misses == 1  # and the next write repairs the file
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    field=st.sampled_from(["key", "engine", "fingerprint", "module", "size", "sha256"]), value=_JSON
+)
+def test_any_json_in_a_record_field_is_a_hit_or_a_recompile(
+    tmp_path_factory: pytest.TempPathFactory, field: str, value: object
+) -> None:
+    cache = PrecompileCache(tmp_path_factory.mktemp("fuzz"))
+    fake = Fake()
+    art = cache.artifact(fake, b"\0asm\1\0\0\0")
+    assert art is not None
+    path = _record_path(cache, art.key)
+    record = json.loads(path.read_text())
+    record[field] = value
+    path.write_text(json.dumps(record))
+    fresh = PrecompileCache(cache.directory)
+    fresh.entries()
+    again = fresh.artifact(fake, b"\0asm\1\0\0\0")
+    assert again is not None
+    assert again.hit or fake.compiles == 2  # a hit only if the record still fits
+    assert hashlib.sha256(again.read_bytes()).hexdigest() == again.sha256 == art.sha256
+
+
+@pytest.mark.parametrize("max_bytes", [float("nan"), float("inf"), "1G", None, 2**63 + 0.5])
+def test_max_bytes_that_is_not_an_int_is_a_cache_error(cache_dir: Path, max_bytes: object) -> None:
+    with pytest.raises(CacheError, match="max_bytes"):
+        PrecompileCache(cache_dir, max_bytes=max_bytes)  # type: ignore[arg-type]
+
+
+def test_a_huge_max_bytes_is_accepted(cache_dir: Path, hello: bytes) -> None:
+    cache = PrecompileCache(cache_dir, max_bytes=1 << 200)
+    assert cache.artifact(Fake(), hello) is not None
+    assert cache.stats().max_bytes == 1 << 200
+
+
+@pytest.mark.parametrize("digest", [123, b"sha256:00", ["sha256:"]])
+def test_a_digest_of_the_wrong_type_is_a_spec_error(
+    cache: PrecompileCache, hello: bytes, digest: object
+) -> None:
+    with pytest.raises(SpecError, match="digest"):
+        cache.artifact(Fake(), hello, digest=digest)  # type: ignore[arg-type]

@@ -922,7 +922,7 @@ class PrecompileCache:
 
     # -- reading and writing entries ----------------------------------------------------------
 
-    def _read_record(self, key: str) -> Any:
+    def _read_record(self, key: str) -> dict[str, Any] | _Corrupt | None:
         """The parsed record of ``key``; ``None`` if absent, `_Corrupt` if unusable."""
         try:
             raw = read_regular(
@@ -937,9 +937,10 @@ class PrecompileCache:
                 return None
             return _Corrupt(f"its record cannot be read ({self._entries_dir.say(exc)})")
         try:
-            return json.loads(raw)
+            meta = json.loads(raw)
         except (ValueError, RecursionError):
             return _Corrupt("its record is unreadable")
+        return meta if isinstance(meta, dict) else _Corrupt("its record is not a JSON object")
 
     def _load(
         self, key: str, name: str, fingerprint: str, module_digest: str
