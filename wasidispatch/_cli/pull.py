@@ -30,6 +30,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("ref", metavar="REF")
     parser.add_argument("dir", metavar="DIR")
     parser.add_argument("--tag", help="reference name in the layout (default: REF's tag)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="deadline of the whole pull (default: 600); a failed pull leaves nothing behind",
+    )
     add_plain_http_option(parser)
     parser.set_defaults(func=run)
 
@@ -38,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
     """Pull; prints ``DIR:TAG sha256:...``."""
     from wasidispatch.oci.registry import pull
 
-    desc = pull(args.ref, args.dir, tag=args.tag, plain_http=args.plain_http)
+    desc = pull(args.ref, args.dir, tag=args.tag, plain_http=args.plain_http, timeout=args.timeout)
     sys.stdout.write(f"{args.dir}:{desc.ref_name} {desc.digest}\n")
     return 0

@@ -40,6 +40,7 @@ import gzip
 import io
 import os
 import posixpath
+import shutil
 import stat
 import tarfile
 import tempfile
@@ -416,6 +417,34 @@ class ImageLayout:
                 )
             descriptor = nested[0]
         raise SpecError(f"{self.path}: {ref}: indexes nested too deeply")
+
+    @contextlib.contextmanager
+    def staged(self) -> Iterator[ImageLayout]:
+        """A scratch layout (a hidden directory inside this one) to write blobs into.
+
+        When the block ends normally its blobs are moved into this layout (each ``rename`` is
+        atomic, so only whole, verified blobs ever appear); on an exception none are. The
+        scratch directory is removed either way.
+        """
+        _real_dir(self.path / "blobs")
+        try:
+            scratch = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.path))
+        except OSError as exc:
+            raise SpecError(f"{self.path}: cannot stage blobs: {exc.strerror}") from exc
+        try:
+            yield ImageLayout(scratch)
+            blobs = scratch / "blobs"
+            for algorithm in sorted(os.listdir(blobs)) if blobs.is_dir() else ():
+                target = self.path / "blobs" / algorithm
+                _real_dir(target)
+                for name in sorted(os.listdir(blobs / algorithm)):
+                    if not name.startswith("."):
+                        os.replace(blobs / algorithm / name, target / name)
+                _fs.fsync_dir(target)
+        except OSError as exc:
+            raise SpecError(f"{self.path}: cannot move staged blobs in: {exc.strerror}") from exc
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     # --- blobs -------------------------------------------------------------------------
 

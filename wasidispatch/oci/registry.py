@@ -14,6 +14,14 @@ long transfers when it is a terminal.
 
 ``plain_http=True`` talks HTTP instead of HTTPS; the default (``None``) does so only for a
 loopback registry (``localhost``, ``127.0.0.1``, ``[::1]``), as Docker and containerd do.
+
+Bounds of a pull: one overall deadline (``timeout``, default :data:`PULL_TIMEOUT`, 10 minutes;
+not per read: a server trickling a byte a second is cut off when it expires, its sockets shut
+down), every manifest fetched once however often indexes list it, indexes nested at most
+:data:`MAX_INDEX_DEPTH` deep and at most :data:`MAX_PULL_MANIFESTS` distinct manifests per
+pull. Everything is downloaded into a scratch directory inside the layout and moved in only
+when all of it is verified: a failed pull leaves no blob, no temporary file and, when it
+created the layout directory, no directory.
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ import contextlib
 import io
 import os
 import re
+import shutil
+import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import IO, Any
@@ -38,7 +49,16 @@ from wasidispatch.oci.image import (
 )
 from wasidispatch.oci.layout import MAX_MANIFEST_SIZE, ImageLayout
 
-__all__ = ["pull", "push"]
+__all__ = ["MAX_INDEX_DEPTH", "MAX_PULL_MANIFESTS", "PULL_TIMEOUT", "pull", "push"]
+
+PULL_TIMEOUT = 600.0
+"""The default overall deadline of a :func:`pull`, in seconds (10 minutes)."""
+
+MAX_INDEX_DEPTH = 4
+"""Indexes nested deeper than this (an index of indexes of ...) are refused."""
+
+MAX_PULL_MANIFESTS = 256
+"""A pull fetching more distinct manifests and indexes than this is refused."""
 
 _DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 _DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -46,7 +66,7 @@ _INDEX_TYPES = (MEDIA_TYPE_IMAGE_INDEX, _DOCKER_LIST)
 _ACCEPT = ", ".join(
     [MEDIA_TYPE_IMAGE_MANIFEST, MEDIA_TYPE_IMAGE_INDEX, _DOCKER_MANIFEST, _DOCKER_LIST]
 )
-_TIMEOUT = (10.0, 120.0)  # connect, read (seconds)
+_TIMEOUT = (10.0, 120.0)  # connect, read (seconds): per request, within any deadline
 _PROGRESS_MIN = 4 << 20  # show progress for blobs of 4 MiB and more
 
 
@@ -139,8 +159,113 @@ def _is_loopback(registry: str) -> bool:
     return host in ("localhost", "127.0.0.1", "[::1]")
 
 
+class _Deadline:
+    """One deadline for everything a pull does on the network.
+
+    Per-read timeouts cannot bound a transfer (a byte a second resets them), so every socket
+    the session opens is registered here and a timer thread shuts them all down when the
+    deadline passes: a read blocked in the kernel returns at once. ``check`` raises the
+    :class:`RegistryError` once expired.
+    """
+
+    def __init__(self, seconds: float, what: str) -> None:
+        self.seconds = seconds
+        self.what = what
+        self.at = time.monotonic() + seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        self._timer.join()
+        with self._lock:
+            self._sockets.clear()
+
+    def register(self, sock: Any) -> None:
+        """Shut ``sock`` down when the deadline passes (at once if it already has)."""
+        with self._lock:
+            self._sockets = [s for s in self._sockets if s.fileno() != -1]
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            _shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown(sock)
+
+    def remaining(self) -> float:
+        """Seconds left (``check`` first: never negative)."""
+        self.check()
+        return max(0.001, self.at - time.monotonic())
+
+    def check(self) -> None:
+        """:class:`RegistryError` when the deadline has passed."""
+        if self.expired or time.monotonic() >= self.at:
+            self.expired = True
+            raise RegistryError(
+                f"{self.what}: did not finish within the {self.seconds:g} s deadline"
+            )
+
+
+def _shutdown(sock: Any) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _bind_deadline(session: Any, deadline: _Deadline) -> None:
+    """Mount adapters on ``session`` whose connections register their sockets with
+    ``deadline`` (the raw TCP socket at once, the TLS one when the handshake is done)."""
+    import requests.adapters
+    import urllib3.connection
+    import urllib3.connectionpool
+
+    class _Registered:
+        def _new_conn(self) -> Any:
+            sock = super()._new_conn()  # type: ignore[misc]
+            deadline.register(sock)
+            return sock
+
+        def connect(self) -> None:
+            super().connect()  # type: ignore[misc]
+            deadline.register(self.sock)  # type: ignore[attr-defined]
+
+    class _HTTP(_Registered, urllib3.connection.HTTPConnection):
+        pass
+
+    class _HTTPS(_Registered, urllib3.connection.HTTPSConnection):
+        pass
+
+    class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+        ConnectionCls = _HTTP
+
+    class _HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+        ConnectionCls = _HTTPS
+
+    class _Adapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+    adapter = _Adapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+
+
 class _Client:
     """One repository of one registry, through oras's session and auth."""
+
+    deadline: _Deadline | None = None
 
     def __init__(self, ref: str, plain_http: bool | None) -> None:
         provider = _oras()
@@ -177,21 +302,41 @@ class _Client:
             sent.update(auth.get_auth_header())
         try:
             response = self.registry.session.request(
-                method, url, headers=sent, data=data, stream=stream, timeout=_TIMEOUT
+                method, url, headers=sent, data=data, stream=stream, timeout=self._timeout()
             )
             if response.status_code == 401 and not hasattr(data, "read"):
                 sent, changed = auth.authenticate_request(response, sent)
                 if changed:
                     response = self.registry.session.request(
-                        method, url, headers=sent, data=data, stream=stream, timeout=_TIMEOUT
+                        method,
+                        url,
+                        headers=sent,
+                        data=data,
+                        stream=stream,
+                        timeout=self._timeout(),
                     )
         except requests.RequestException as exc:
+            self.check_deadline(exc)
             raise RegistryError(f"{self.ref}: {method} {url}: {exc}") from exc
         except Exception as exc:
             if type(exc).__name__ == "AuthenticationException":
                 raise RegistryError(f"{self.ref}: authentication failed: {exc}") from exc
             raise
         return response
+
+    def _timeout(self) -> tuple[float, float]:
+        if self.deadline is None:
+            return _TIMEOUT
+        left = self.deadline.remaining()
+        return (min(_TIMEOUT[0], left), min(_TIMEOUT[1], left))
+
+    def check_deadline(self, cause: BaseException | None = None) -> None:
+        """Raise the deadline's :class:`RegistryError` (chaining ``cause``) once it passed."""
+        if self.deadline is not None:
+            try:
+                self.deadline.check()
+            except RegistryError as exc:
+                raise exc from cause
 
     def check(self, response: Any, what: str, ok: tuple[int, ...] = (200,)) -> None:
         if response.status_code in ok:
@@ -222,78 +367,147 @@ def pull(
     tag: str | None = None,
     plain_http: bool | None = None,
     progress: bool | None = None,
+    timeout: float | None = PULL_TIMEOUT,
 ) -> Descriptor:
     """Copy ``ref`` (``host[:port]/repo:tag`` or ``...@sha256:...``) into an image layout.
 
     The layout is created when missing. The manifest (or index, with every manifest it lists)
     and all blobs are verified against their digests and sizes; the top descriptor is tagged
     ``tag`` (default: the reference's tag) and returned. ``progress``: ``None`` shows progress
-    for large blobs when standard error is a terminal.
+    for large blobs when standard error is a terminal. ``timeout``: the deadline of the whole
+    pull in seconds (``None``: none; each request still has its own timeouts).
+
+    Raises :class:`RegistryError`; a failed pull leaves the layout as it was (and removes it
+    when the pull created it).
     """
+    if timeout is not None and not (timeout > 0 and timeout < float("inf")):
+        raise RegistryError(f"pull timeout must be a positive number of seconds, not {timeout}")
     client = _Client(ref, plain_http)
-    layout = ImageLayout.create(layout_dir)
-    reference = client.container.digest or client.container.tag
+    created = not os.path.lexists(layout_dir)
     try:
-        top = _pull_manifest(client, layout, reference, progress)
+        layout = ImageLayout.create(layout_dir)
+        deadline = _Deadline(timeout, f"pull {ref}") if timeout is not None else None
+        with contextlib.ExitStack() as stack:
+            if deadline is not None:
+                stack.enter_context(deadline)
+                client.deadline = deadline
+                _bind_deadline(client.registry.session, deadline)
+            stage = stack.enter_context(layout.staged())
+            walk = _Walk(client, layout, stage, progress)
+            reference = client.container.digest or client.container.tag
+            top = walk.manifest(reference, depth=0)
+        # Every blob is now in the layout, verified; only the tag is left to write.
         return layout.tag(top, tag or client.container.tag)
-    except SpecError as exc:
-        raise RegistryError(f"{ref}: bad content from the registry: {exc}") from exc
+    except BaseException as exc:
+        if created:  # a failed pull leaves no layout it made
+            shutil.rmtree(layout_dir, ignore_errors=True)
+        if isinstance(exc, RegistryError):
+            raise
+        if isinstance(exc, SpecError):
+            client.check_deadline(exc)
+            raise RegistryError(f"{ref}: bad content from the registry: {exc}") from exc
+        if _is_requests_error(exc):
+            client.check_deadline(exc)
+            raise RegistryError(f"{ref}: transfer failed: {exc}") from exc
+        raise
 
 
-def _pull_manifest(
-    client: _Client, layout: ImageLayout, reference: str, progress: bool | None
-) -> Descriptor:
-    response = client.request(
-        "GET", client.url("manifests", reference), headers={"Accept": _ACCEPT}, stream=True
-    )
-    client.check(response, f"manifest {reference}")
-    body = response.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
-    response.close()
-    if len(body) > MAX_MANIFEST_SIZE:
-        raise SpecError(f"manifest {reference} is over the {MAX_MANIFEST_SIZE}-byte cap")
-    digest = Digest.of(body)
-    claimed = [reference] if reference.startswith("sha") and ":" in reference else []
-    if response.headers.get("Docker-Content-Digest"):
-        claimed.append(response.headers["Docker-Content-Digest"])
-    for want in claimed:
-        if Digest.parse(want).algorithm == "sha256" and want != digest:
-            raise SpecError(f"manifest digest mismatch: expected {want}, content is {digest}")
-    media_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
-    probe: dict[str, Any] = {}
-    try:
-        import json
+def _is_requests_error(exc: BaseException) -> bool:
+    import requests
 
-        probe = json.loads(body)
-    except ValueError:
-        pass
-    media_type = str(probe.get("mediaType") or media_type or MEDIA_TYPE_IMAGE_MANIFEST)
-    if media_type in _INDEX_TYPES or "manifests" in probe:
-        index = Index.parse(body, source=f"{client.ref} index")
-        for child in index.manifests:
-            _pull_manifest(client, layout, child.digest, progress)
-    else:
-        manifest = Manifest.parse(body, source=f"{client.ref} manifest")
-        for blob in [manifest.config, *manifest.layers]:
-            _pull_blob(client, layout, blob, progress)
-    return layout.write_blob(body, media_type=media_type, expected=digest, size=len(body))
+    return isinstance(exc, requests.RequestException)
 
 
-def _pull_blob(
-    client: _Client, layout: ImageLayout, blob: Descriptor, progress: bool | None
-) -> None:
-    if blob.data is not None and not layout.has_blob(blob.digest):
-        layout.write_blob(blob.decoded_data() or b"", expected=blob.digest, size=blob.size)
-        return
-    if layout.has_blob(blob.digest):
-        return
-    response = client.request("GET", client.url("blobs", blob.digest), stream=True)
-    client.check(response, f"blob {blob.digest}")
-    meter = _Progress("pulling", blob.digest, blob.size, progress)
-    try:
-        reader = _ChunkReader(response.iter_content(chunk_size=1 << 20), meter)
-        layout.write_blob(reader, expected=blob.digest, size=blob.size)
-    finally:
-        response.close()
+class _Walk:
+    """One pull's walk: each manifest and blob fetched at most once, bounded depth and count."""
+
+    def __init__(
+        self, client: _Client, layout: ImageLayout, stage: ImageLayout, progress: bool | None
+    ) -> None:
+        self.client = client
+        self.layout = layout
+        self.stage = stage
+        self.progress = progress
+        self.manifests: dict[str, Descriptor] = {}  # digest or tag -> descriptor written
+        self.blobs: set[str] = set()
+
+    def manifest(self, reference: str, depth: int) -> Descriptor:
+        done = self.manifests.get(reference)
+        if done is not None:
+            return done
+        if len(self.manifests) >= MAX_PULL_MANIFESTS:
+            raise SpecError(f"more than {MAX_PULL_MANIFESTS} manifests (MAX_PULL_MANIFESTS)")
+        client = self.client
+        response = client.request(
+            "GET", client.url("manifests", reference), headers={"Accept": _ACCEPT}, stream=True
+        )
+        try:
+            client.check(response, f"manifest {reference}")
+            body = response.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
+        finally:
+            response.close()
+        client.check_deadline()
+        if len(body) > MAX_MANIFEST_SIZE:
+            raise SpecError(f"manifest {reference} is over the {MAX_MANIFEST_SIZE}-byte cap")
+        digest = Digest.of(body)
+        claimed = [reference] if reference.startswith("sha") and ":" in reference else []
+        if response.headers.get("Docker-Content-Digest"):
+            claimed.append(response.headers["Docker-Content-Digest"])
+        for want in claimed:
+            if Digest.parse(want).algorithm == "sha256" and want != digest:
+                raise SpecError(f"manifest digest mismatch: expected {want}, content is {digest}")
+        media_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
+        probe: Any = {}
+        try:
+            import json
+
+            probe = json.loads(body)
+        except (ValueError, RecursionError):
+            pass  # the model's parse below says what is wrong
+        if not isinstance(probe, dict):
+            probe = {}
+        media_type = str(probe.get("mediaType") or media_type or MEDIA_TYPE_IMAGE_MANIFEST)
+        if media_type in _INDEX_TYPES or "manifests" in probe:
+            if depth >= MAX_INDEX_DEPTH:
+                raise SpecError(
+                    f"indexes nested more than {MAX_INDEX_DEPTH} deep (MAX_INDEX_DEPTH)"
+                )
+            index = Index.parse(body, source=f"{client.ref} index")
+            children = list(dict.fromkeys(child.digest for child in index.manifests))
+            if len(children) + len(self.manifests) > MAX_PULL_MANIFESTS:
+                raise SpecError(
+                    f"index {digest} lists {len(children)} distinct manifests, over the "
+                    f"{MAX_PULL_MANIFESTS} a pull takes (MAX_PULL_MANIFESTS)"
+                )
+            for child in children:
+                self.manifest(child, depth + 1)
+        else:
+            manifest = Manifest.parse(body, source=f"{client.ref} manifest")
+            for blob in [manifest.config, *manifest.layers]:
+                self.blob(blob)
+        desc = self.stage.write_blob(body, media_type=media_type, expected=digest, size=len(body))
+        self.manifests[reference] = self.manifests[str(digest)] = desc
+        return desc
+
+    def blob(self, blob: Descriptor) -> None:
+        if blob.digest in self.blobs:
+            return
+        self.blobs.add(blob.digest)
+        if self.layout.has_blob(blob.digest) or self.stage.has_blob(blob.digest):
+            return
+        if blob.data is not None:
+            self.stage.write_blob(blob.decoded_data() or b"", expected=blob.digest, size=blob.size)
+            return
+        client = self.client
+        response = client.request("GET", client.url("blobs", blob.digest), stream=True)
+        try:
+            client.check(response, f"blob {blob.digest}")
+            meter = _Progress("pulling", blob.digest, blob.size, self.progress)
+            reader = _ChunkReader(response.iter_content(chunk_size=1 << 16), meter)
+            self.stage.write_blob(reader, expected=blob.digest, size=blob.size)
+        finally:
+            response.close()
+        client.check_deadline()
 
 
 # --- push --------------------------------------------------------------------------------------
@@ -322,7 +536,7 @@ def push(
     client = _Client(ref, plain_http)
     target = client.container.tag
     try:
-        _push_manifest(client, layout, top, target, progress)
+        _push_manifest(client, layout, top, target, progress, seen=set(), depth=0)
     except SpecError as exc:
         raise RegistryError(f"cannot push {layout_dir}: {exc}") from exc
     return top
@@ -343,16 +557,28 @@ def _push_manifest(
     desc: Descriptor,
     reference: str,
     progress: bool | None,
+    *,
+    seen: set[str],
+    depth: int,
 ) -> None:
+    # Each manifest and blob is pushed once however often indexes list it; depth is bounded.
     body = layout.read_blob(desc, max_size=MAX_MANIFEST_SIZE)
     if desc.media_type in _INDEX_TYPES:
+        if depth >= MAX_INDEX_DEPTH:
+            raise SpecError(f"indexes nested more than {MAX_INDEX_DEPTH} deep (MAX_INDEX_DEPTH)")
         index = Index.parse(body, source=str(layout.blob_path(desc.digest)))
         for child in index.manifests:
-            _push_manifest(client, layout, child, child.digest, progress)
+            if child.digest not in seen:
+                seen.add(child.digest)
+                _push_manifest(
+                    client, layout, child, child.digest, progress, seen=seen, depth=depth + 1
+                )
     else:
         manifest = Manifest.parse(body, source=str(layout.blob_path(desc.digest)))
         for blob in [manifest.config, *manifest.layers]:
-            _push_blob(client, layout, blob, progress)
+            if blob.digest not in seen:
+                seen.add(blob.digest)
+                _push_blob(client, layout, blob, progress)
     response = client.request(
         "PUT",
         client.url("manifests", reference),
