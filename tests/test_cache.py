@@ -1367,3 +1367,16 @@ def test_a_digest_of_the_wrong_type_is_a_spec_error(
 ) -> None:
     with pytest.raises(SpecError, match="digest"):
         cache.artifact(Fake(), hello, digest=digest)  # type: ignore[arg-type]
+
+
+def test_a_pickled_artifact_path_names_the_entry_not_a_descriptor(
+    cache: PrecompileCache, hello: bytes
+) -> None:
+    import pickle
+
+    art = cache.artifact(Fake(), hello)
+    assert art is not None
+    assert str(art.path).startswith("/proc/self/fd/")
+    copy = pickle.loads(pickle.dumps(art.path))
+    assert copy == _entries_dir(cache) / f"{art.key}.art"
+    assert copy.read_bytes() == art.read_bytes()

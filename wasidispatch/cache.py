@@ -393,15 +393,21 @@ class _PinnedPath(PosixPath):
     """
 
     _pin: _Pin
+    _entry: Path
+
+    def __reduce__(self) -> tuple[type[PosixPath], tuple[str]]:
+        # Descriptor N means nothing in another process: a copy names the entry instead.
+        return PosixPath, (str(self._entry),)
 
 
-def _pinned(fd: int, fallback: Path) -> Path:
+def _pinned(fd: int, entry: Path) -> Path:
     """The path to give the engine for the open artifact ``fd`` (which it takes over)."""
     if not _proc_fd():
         os.close(fd)
-        return fallback
+        return entry
     path = _PinnedPath(f"/proc/self/fd/{fd}")
     path._pin = _Pin(fd)
+    path._entry = entry
     return path
 
 
