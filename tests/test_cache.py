@@ -883,22 +883,24 @@ def victim(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("plant", [os.symlink, os.link])
 @pytest.mark.parametrize("where", ["entries", "v1", "top"])
 @pytest.mark.parametrize("name", ["{key}.art", "{key}.json", "stats.json", "CACHEDIR.TAG"])
-def test_a_symlink_planted_at_a_final_name_is_replaced_not_followed(
+def test_a_link_planted_at_a_final_name_is_replaced_not_written_through(
     cache_dir: Path,
     engine: WasmtimeEngine,
     hello: bytes,
     victim: Path,
     where: str,
     name: str,
+    plant: Callable[[Path, Path], None],
 ) -> None:
     key = _key_of(engine, hello)
     directory = {"entries": cache_dir / "v1" / "entries", "v1": cache_dir / "v1", "top": cache_dir}
     PrecompileCache(cache_dir).clear()
     (cache_dir / "CACHEDIR.TAG").unlink()
     planted = directory[where] / name.format(key=key)
-    os.symlink(victim, planted)
+    plant(victim, planted)  # a symlink, or a hard link to a file outside the cache
     cache = PrecompileCache(cache_dir)
     art = cache.artifact(engine, hello)
     assert art is not None

@@ -89,7 +89,7 @@ Using it from an executor::
 
     cache = PrecompileCache()                       # one per process; thread-safe
     workload = cache.with_precompiled(engine, workload, digest=layer_digest)
-    result = engine.run(workload)                   # workload.precompiled is a verified path
+    result = engine.run(workload)  # precompiled: a verified path (bytes if the cache is read-only)
 
 Example (with any engine; here the smallest one that can precompile)::
 
@@ -246,7 +246,10 @@ class CachedArtifact:
     """A verified precompiled artifact in the cache.
 
     ``path`` is the file to give the engine (``Workload(precompiled=path)``; wasmtime maps it
-    with ``deserialize_file``); its content had sha256 ``sha256`` when it was handed out.
+    with ``deserialize_file``); its content had sha256 ``sha256`` when it was handed out. It is
+    ``/proc/self/fd/N`` of the very file that was hashed, kept open as long as the path object
+    lives (the entry's name ``directory/v1/entries/KEY.art`` where there is no ``/proc``, and
+    in a pickled copy).
     ``hit`` tells whether it came from the cache (``False``: compiled just now).
     ``module_digest`` is the module's identity (``sha256:<hex>``) and ``key`` the entry key.
     """
