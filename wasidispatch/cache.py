@@ -897,10 +897,14 @@ class PrecompileCache:
         except OSError:
             st = None
         if st is None or _identity(st) != memo.identity:
-            self._verified.pop(key, None)
+            self._forget(key)
             return None
         self._hit(key)
         return memo.artifact
+
+    def _forget(self, key: str) -> None:
+        with self._lock:  # not while _remember trims (an iteration)
+            self._verified.pop(key, None)
 
     def _remember(
         self, key: str, identity: tuple[int, int, int, int, int], art: CachedArtifact
@@ -1036,7 +1040,7 @@ class PrecompileCache:
 
     def _discard(self, key: str, engine: str, reason: str) -> None:
         _log().warning("discarding corrupt precompile cache entry %s (%s): %s", key, engine, reason)
-        self._verified.pop(key, None)
+        self._forget(key)
         self._remove_entry(key)
         self._counters.add("corruptions")
 
@@ -1129,7 +1133,7 @@ class PrecompileCache:
                     lock.unlink()
                 finally:
                     lock.release()
-                self._verified.pop(e.key, None)
+                self._forget(e.key)
                 total -= e.size
                 self._counters.add("evictions")
                 _log().info(
@@ -1199,7 +1203,8 @@ class PrecompileCache:
         except OSError as exc:
             raise CacheError(f"cannot clear cache directory {self._base}: {exc}") from exc
         finally:
-            self._verified.clear()  # whatever is left is verified again on its next use
+            with self._lock:  # whatever is left is verified again on its next use
+                self._verified.clear()
         self._touched.clear()
         with self._counters.lock:
             for name in _COUNTER_NAMES:
