@@ -50,6 +50,7 @@ __all__ = [
     "WasmKind",
     "c_string_refusal",
     "check_preopens",
+    "check_stdin_file",
     "classify_trap",
     "cpu_flags",
     "cwd_preopen",
@@ -281,6 +282,19 @@ def cpu_flags() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def check_stdin_file(path: Path) -> None:
+    """Raise `EngineError` unless ``path`` can be stdin: it exists and is a regular file or a
+    character device (a FIFO or a socket goes through `wasidispatch.engines._stdio`)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as exc:
+        raise EngineError(f"stdin file does not exist: {path}") from exc
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"cannot use {path} as stdin: {exc}") from exc
+    if stat.S_ISDIR(mode):
+        raise EngineError(f"stdin file {path} is a directory")
 
 
 def check_preopens(preopens: Iterable[Preopen]) -> None:

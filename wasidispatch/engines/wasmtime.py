@@ -27,12 +27,19 @@ wasmtime's exceptions and `RunResult`/wasidispatch errors. How the odd parts are
 - **stdin bytes** go through a temporary file (wasmtime-py exposes no in-memory stdin); it is
   removed when the run ends. Captured stdout/stderr use wasmtime's custom output callbacks.
 - **cwd**: see `wasidispatch.engines._support.cwd_preopen`.
+- **Descriptors, FIFOs and sockets** as stdio (``Stdio.fd``, a ``Stdio.file`` that is a FIFO)
+  go through `wasidispatch.engines._stdio.Plumbing`: wasmtime opens a pipe, one pump thread
+  per such run moves the bytes, and stops at the deadline or on cancel.
+- **Cancel**: a run with a `Cancel` gets an epoch deadline of one tick and a deadline
+  callback that, every tick, either extends it by one tick or ends the guest (cancelled, or
+  past its timeout). Runs without one are unchanged.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -51,6 +58,8 @@ import wasmtime
 import wasmtime.component as wtc
 
 from wasidispatch.engines._api import (
+    TRAP_EXIT_CODE,
+    Cancel,
     Capabilities,
     ExitReason,
     RunResult,
@@ -58,7 +67,9 @@ from wasidispatch.engines._api import (
     Timings,
     Verdict,
     Workload,
+    cancelled_result,
 )
+from wasidispatch.engines._stdio import Plumbing, RunControl, needs_plumbing
 from wasidispatch.engines._support import (
     ENVELOPE_FORMAT,
     LIMIT_MAX,
@@ -69,6 +80,7 @@ from wasidispatch.engines._support import (
     TrapKind,
     WasmKind,
     check_preopens,
+    check_stdin_file,
     classify_trap,
     cpu_flags,
     cwd_preopen,
@@ -277,6 +289,9 @@ class WasmtimeEngine:
             raise CantHandle(verdict.reason)
         check_preopens(workload.preopens)
         cwd = cwd_preopen(workload)
+        cancel = workload.cancel
+        if cancel is not None and cancel.cancelled:
+            return RunResult(*cancelled_result(cancel))
         profile = _Profile(
             fuel=workload.limits.fuel is not None, max_wasm_stack=workload.limits.max_wasm_stack
         )
@@ -286,27 +301,58 @@ class WasmtimeEngine:
         kind, compiled = self._load(runtime, profile, workload)
         t_compile = time.perf_counter() - t0
 
+        lim = workload.limits
+        plumbed = any(needs_plumbing(s) for s in (workload.stdin, workload.stdout, workload.stderr))
+        control = RunControl(lim.timeout, cancel) if plumbed or cancel is not None else None
         with contextlib.ExitStack() as stack:
-            wasi, captured = self._wasi_config(workload, cwd, stack)
+            if control is not None:
+                stack.callback(control.close)  # after the plumbing's close (LIFO)
+            plumbing: Plumbing | None = None
+            if plumbed:
+                assert control is not None
+                plumbing = Plumbing(control)
+                stack.callback(plumbing.close)
+            wasi, captured = self._wasi_config(workload, cwd, stack, plumbing)
+            if plumbing is not None:
+                plumbing.started()
             store = wasmtime.Store(runtime.engine)
             store.set_wasi(wasi)
-            lim = workload.limits
             if lim.memory_bytes is not None:
                 store.set_limits(memory_size=min(lim.memory_bytes, LIMIT_MAX))
             if lim.fuel is not None:
                 store.set_fuel(min(lim.fuel, LIMIT_MAX))
-            if lim.timeout is not None:
+            watch: _Watch | None = None
+            if cancel is not None:
+                assert control is not None
+                watch = _Watch(cancel, control)
+                watch.install(store)
+                stack.enter_context(runtime.ticker.running())
+            elif lim.timeout is not None:
                 store.set_epoch_deadline(deadline_ticks(lim.timeout))
                 stack.enter_context(runtime.ticker.running())
             else:
                 store.set_epoch_deadline(NEVER)
-            if kind == "module":
-                assert isinstance(compiled, wasmtime.Module)
-                result = self._run_module(runtime, store, compiled, workload)
-            else:
-                assert isinstance(compiled, wtc.Component)
-                result = self._run_component(runtime, store, compiled, workload)
+            try:
+                if kind == "module":
+                    assert isinstance(compiled, wasmtime.Module)
+                    result = self._run_module(runtime, store, compiled, workload)
+                else:
+                    assert isinstance(compiled, wtc.Component)
+                    result = self._run_component(runtime, store, compiled, workload)
+            finally:
+                store.close()  # closes the guest's stdio: the plumbing sees end of file
+                if watch is not None:
+                    watch.uninstall()
+            if plumbing is not None:
+                plumbing.finish()
         exit_code, reason, message, t_inst, t_run = result
+        if control is not None:
+            if control.cancelled:
+                assert cancel is not None
+                exit_code, reason, message = cancelled_result(cancel)
+            elif control.expired:
+                exit_code, reason = TRAP_EXIT_CODE, ExitReason.TIMED_OUT
+                message = f"timed out after {lim.timeout}s"
         return RunResult(
             exit_code=exit_code,
             reason=reason,
@@ -395,7 +441,7 @@ class WasmtimeEngine:
 
     @staticmethod
     def _wasi_config(
-        workload: Workload, cwd: Any, stack: contextlib.ExitStack
+        workload: Workload, cwd: Any, stack: contextlib.ExitStack, plumbing: Plumbing | None
     ) -> tuple[wasmtime.WasiConfig, dict[str, bytearray]]:
         wasi = wasmtime.WasiConfig()
         wasi.argv = list(workload.argv)
@@ -408,12 +454,13 @@ class WasmtimeEngine:
 
         stdin = workload.stdin
         try:
-            if stdin.kind == "inherit":
+            if plumbing is not None and needs_plumbing(stdin):
+                wasi.stdin_file = plumbing.stdin(stdin)
+            elif stdin.kind == "inherit":
                 wasi.inherit_stdin()
             elif stdin.kind == "file":
                 assert stdin.path is not None
-                if not stdin.path.is_file():
-                    raise EngineError(f"stdin file does not exist: {stdin.path}")
+                check_stdin_file(stdin.path)
                 wasi.stdin_file = stdin.path
             elif stdin.kind == "bytes":
                 path = stack.enter_context(_temp_file(stdin.data or b""))
@@ -425,7 +472,9 @@ class WasmtimeEngine:
         for stream in ("stdout", "stderr"):
             stdio: Stdio = getattr(workload, stream)
             try:
-                if stdio.kind == "inherit":
+                if plumbing is not None and needs_plumbing(stdio):
+                    setattr(wasi, f"{stream}_file", plumbing.output(stdio, stream))
+                elif stdio.kind == "inherit":
                     getattr(wasi, f"inherit_{stream}")()
                 elif stdio.kind == "file":
                     assert stdio.path is not None
@@ -504,6 +553,54 @@ class WasmtimeEngine:
             outcome = _classify(exc, workload)
         t2 = time.perf_counter()
         return (*outcome, t1 - t0, t2 - t1)
+
+
+def _deadline_callback_types() -> tuple[Any, Any]:
+    """The ctypes types wasmtime-py declares for the epoch-deadline callback and finalizer."""
+    from wasmtime import _ffi as ffi
+
+    argtypes = ffi.dll.wasmtime_store_epoch_deadline_callback.argtypes
+    return argtypes[1], argtypes[3]
+
+
+class _Watch:
+    """The epoch-deadline callback of a run with a `Cancel`: every tick it extends the
+    deadline by one tick, or ends the guest when the run was cancelled or is past its
+    timeout (marked on the `RunControl`, which the run's result is read from)."""
+
+    def __init__(self, cancel: Cancel, control: RunControl) -> None:
+        self._cancel = cancel
+        self._control = control
+        callback_type, finalizer_type = _deadline_callback_types()
+        self._callback = callback_type(self._on_deadline)
+        self._finalizer = finalizer_type(0)
+
+    def _on_deadline(self, _ctx: int, _data: int, delta: Any, kind: Any) -> int:
+        try:
+            if self._control.stopped():
+                from wasmtime import _ffi as ffi
+
+                err = ffi.wasmtime_error_new(b"wasidispatch: the run was stopped")
+                return ctypes.cast(err, ctypes.c_void_p).value or 0
+            delta[0] = 1
+            kind[0] = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
+            return 0
+        except BaseException:  # never raise through wasmtime's frames
+            delta[0] = 1
+            kind[0] = 0
+            return 0
+
+    def install(self, store: wasmtime.Store) -> None:
+        from wasmtime import _ffi as ffi
+
+        ffi.wasmtime_store_epoch_deadline_callback(
+            store.ptr(), self._callback, None, self._finalizer
+        )
+        store.set_epoch_deadline(1)
+
+    def uninstall(self) -> None:
+        """Keep the callback alive until here: the store (closed first) may call it."""
+        self._callback = None
 
 
 _TRAP_KINDS: dict[wasmtime.TrapCode, TrapKind] = {

@@ -154,6 +154,14 @@ wasmtime_error_t *wasmtime_context_set_fuel(wasmtime_context_t *store, uint64_t 
 wasmtime_error_t *wasmtime_context_set_wasi(wasmtime_context_t *context, wasi_config_t *wasi);
 void wasmtime_context_set_epoch_deadline(wasmtime_context_t *context,
                                          uint64_t ticks_beyond_current);
+typedef uint8_t wasmtime_update_deadline_kind_t;
+void wasmtime_store_epoch_deadline_callback(
+    wasmtime_store_t *store,
+    wasmtime_error_t *(*func)(wasmtime_context_t *context, void *data,
+                              uint64_t *epoch_deadline_delta,
+                              wasmtime_update_deadline_kind_t *update_kind),
+    void *data, void (*finalizer)(void *));
+wasmtime_error_t *wasmtime_error_new(const char *message);
 
 /* ---- wasmtime/extern.h, wasmtime/val.h (layouts of wasmtime 50) ----------------------------- */
 typedef struct wasmtime_func { uint64_t store_id; void *__private; } wasmtime_func_t;

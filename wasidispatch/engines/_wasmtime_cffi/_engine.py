@@ -145,6 +145,7 @@ class FastWasmtimeEngine:
             preopens=preopens,
             entry=workload.entry,
             limits=workload.limits,
+            cancel=workload.cancel,
         )
         return dataclasses.replace(
             result, timings=dataclasses.replace(result.timings, compile=t_compile)

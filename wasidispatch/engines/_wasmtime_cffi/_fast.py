@@ -34,13 +34,17 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from wasidispatch.engines._api import (
+    TRAP_EXIT_CODE,
+    Cancel,
     ExitReason,
     Limits,
     Preopen,
     RunResult,
     Stdio,
     Timings,
+    cancelled_result,
 )
+from wasidispatch.engines._stdio import Plumbing, RunControl, needs_plumbing
 from wasidispatch.engines._support import (
     ENVELOPE_FORMAT,
     LIMIT_MAX,
@@ -51,6 +55,7 @@ from wasidispatch.engines._support import (
     Outcome,
     TrapKind,
     check_preopens,
+    check_stdin_file,
     classify_trap,
     cpu_flags,
     deadline_ticks,
@@ -573,11 +578,13 @@ class PreparedModule:
         preopens: Sequence[Preopen] = (),
         entry: str | None = None,
         limits: Limits | None = None,
+        cancel: Cancel | None = None,
     ) -> RunResult:
         """Run the module as a WASI command on a fresh instance: ``argv`` and ``env`` exactly
         as given (the host environment never leaks in), ``preopens`` (read-only ones refuse
-        writes), stdio as in `Stdio` (stdin defaults to empty, stdout/stderr to the host's),
-        ``entry`` instead of ``_start``.
+        writes), stdio as in `Stdio` (stdin defaults to empty, stdout/stderr to the host's;
+        descriptors and FIFOs go through `wasidispatch.engines._stdio.Plumbing`), ``entry``
+        instead of ``_start``. ``cancel`` stops the run from another thread (`Cancel`).
 
         The guest's fate is the `RunResult`; `EngineError` is raised for host-side problems
         (a missing preopen directory or stdio file), `CantHandle` for a missing entry or
@@ -600,34 +607,56 @@ class PreparedModule:
         export = self._exports.get(entry_name)
         if export is None or len(export.results) > _MAX_VALS:
             raise CantHandle(f"export {entry_name!r} returns values the fast path cannot take")
+        if cancel is not None and cancel.cancelled:
+            return RunResult(*cancelled_result(cancel))
         scratch = self._scratch()
         captured: dict[str, Callable[[], bytes]] = {}
         keep: list[Any] = []  # buffers and handles the WASI config points into
-        wasi = _wasi_config(
-            self._loaded,
-            argv,
-            env or {},
-            stdin or _NULL_STDIO,
-            stdout or _INHERIT_STDIO,
-            stderr or _INHERIT_STDIO,
-            preopens,
-            captured,
-            keep,
-        )
+        streams = (stdin or _NULL_STDIO, stdout or _INHERIT_STDIO, stderr or _INHERIT_STDIO)
+        plumbed = any(needs_plumbing(s) for s in streams)
+        control: RunControl | None = None
+        plumbing: Plumbing | None = None
+        timeout = limits.timeout if limits is not None else None
+        if plumbed or cancel is not None:
+            control = RunControl(timeout, cancel)
         timings: list[float] = []
-        outcome = self._execute(
-            pre,
-            scratch,
-            export.name,
-            self._null,
-            0,
-            scratch.results,
-            len(export.results),
-            limits,
-            wasi,
-            timings,
-        )
+        try:
+            if plumbed:
+                assert control is not None
+                plumbing = Plumbing(control)
+            wasi = _wasi_config(
+                self._loaded, argv, env or {}, *streams, preopens, captured, keep, plumbing
+            )
+            if plumbing is not None:
+                plumbing.started()
+            outcome = self._execute(
+                pre,
+                scratch,
+                export.name,
+                self._null,
+                0,
+                scratch.results,
+                len(export.results),
+                limits,
+                wasi,
+                timings,
+                control if cancel is not None else None,
+            )
+            if plumbing is not None:
+                plumbing.finish()  # the store is gone: the guest's stdio is closed
+        finally:
+            if plumbing is not None:
+                plumbing.close()
+            if control is not None:
+                control.close()
         exit_code, reason, message = outcome or (0, ExitReason.EXITED, None)
+        if control is not None:
+            if control.cancelled:
+                assert cancel is not None
+                exit_code, reason, message = cancelled_result(cancel)
+            elif control.expired:
+                exit_code, reason = TRAP_EXIT_CODE, ExitReason.TIMED_OUT
+                message = f"timed out after {timeout}s"
         read_out = captured.get("stdout")
         read_err = captured.get("stderr")
         return RunResult(
@@ -656,11 +685,14 @@ class PreparedModule:
         limits: Limits | None,
         wasi: CData | None,
         timings: list[float] | None = None,
+        control: RunControl | None = None,
     ) -> Outcome | None:
         """Make a store, instantiate, call ``name``, classify, delete the store.
 
         ``None`` means the function returned (its results are in ``results``). ``wasi`` is
-        consumed (the store owns it from the first line on, even on error).
+        consumed (the store owns it from the first line on, even on error). ``control``
+        (runs with a `Cancel`) installs an epoch-deadline callback that ends the guest when
+        it is cancelled or past its deadline, checked every tick.
         """
         loaded = self._loaded
         ffi, lib = loaded.ffi, loaded.lib
@@ -680,6 +712,19 @@ class PreparedModule:
                 if err != ffi.NULL:
                     message, _ = _native.error_info(loaded, err)
                     raise EngineError(f"wasmtime refused the WASI configuration: {message}")
+            if control is not None:
+                self._arm(store, ctx, limits or _NO_LIMITS)
+                if not fast._config.epoch_interruption:
+                    raise CantHandle("a Cancel needs an engine with epoch_interruption=True")
+                handle = ffi.new_handle(control)
+                lib.wasmtime_store_epoch_deadline_callback(
+                    store, _deadline_callback(loaded), handle, ffi.NULL
+                )
+                lib.wasmtime_context_set_epoch_deadline(ctx, 1)
+                with fast._ticker.running():
+                    return self._run_in_store(
+                        pre, ctx, scratch, name, args, n_args, results, n_results, limits, timings
+                    )
             if limits is None or limits == _NO_LIMITS:
                 if fast._config.epoch_interruption:
                     lib.wasmtime_context_set_epoch_deadline(ctx, NEVER)
@@ -826,6 +871,39 @@ class PreparedModule:
 
 
 _NO_LIMITS = Limits()
+_callbacks: dict[int, Any] = {}  # the epoch-deadline callback, per loaded library
+
+
+def _deadline_callback(loaded: Loaded) -> Any:
+    """The one cffi callback for runs with a `Cancel` (its data is the run's `RunControl`):
+    extend the deadline by a tick, or end the guest when the run must stop."""
+    cached = _callbacks.get(id(loaded))
+    if cached is not None:
+        return cached[0]
+    ffi, lib = loaded.ffi, loaded.lib
+    stopped_message = ffi.new("char[]", b"wasidispatch: the run was stopped")
+
+    def on_deadline(_ctx: Any, data: Any, delta: Any, kind: Any) -> Any:
+        control: RunControl = ffi.from_handle(data)
+        if control.stopped():
+            return lib.wasmtime_error_new(stopped_message)
+        delta[0] = 1
+        kind[0] = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
+        return ffi.NULL
+
+    def on_error(*_exc: object) -> None:
+        return None  # never raise through wasmtime's frames (the guest goes on)
+
+    callback = ffi.callback(
+        "wasmtime_error_t *(wasmtime_context_t *, void *, uint64_t *, "
+        "wasmtime_update_deadline_kind_t *)",
+        on_deadline,
+        onerror=on_error,
+    )
+    _callbacks[id(loaded)] = (callback, stopped_message)
+    return _callbacks[id(loaded)][0]
+
+
 _TRAP_KINDS: dict[int, TrapKind] = {
     _native.TRAP_CODE_INTERRUPT: "interrupt",
     _native.TRAP_CODE_OUT_OF_FUEL: "out_of_fuel",
@@ -924,6 +1002,7 @@ def _wasi_config(
     preopens: Sequence[Preopen],
     captured: dict[str, Callable[[], bytes]],
     keep: list[Any],
+    plumbing: Plumbing | None = None,
 ) -> CData:
     """A ``wasi_config_t`` for one run; the caller hands it to a store (which owns it)."""
     ffi, lib = loaded.ffi, loaded.lib
@@ -955,8 +1034,12 @@ def _wasi_config(
             )
             if not ok:
                 raise EngineError(f"cannot preopen {pre.host} as {pre.guest}")
+        if plumbing is not None and needs_plumbing(stdin):
+            stdin = Stdio.file(plumbing.stdin(stdin))
         _set_stdin(loaded, wasi, stdin, keep)
         for stream, stdio in (("stdout", stdout), ("stderr", stderr)):
+            if plumbing is not None and needs_plumbing(stdio):
+                stdio = Stdio.file(plumbing.output(stdio, stream))
             _set_output(loaded, wasi, stream, stdio, captured, keep)
     except BaseException:
         lib.wasi_config_delete(wasi)
@@ -970,8 +1053,7 @@ def _set_stdin(loaded: Loaded, wasi: CData, stdin: Stdio, keep: list[Any]) -> No
         lib.wasi_config_inherit_stdin(wasi)
     elif stdin.kind == "file":
         assert stdin.path is not None
-        if not stdin.path.is_file():
-            raise EngineError(f"stdin file does not exist: {stdin.path}")
+        check_stdin_file(stdin.path)
         if not lib.wasi_config_set_stdin_file(wasi, _cstr(ffi, str(stdin.path), "a path", keep)):
             raise EngineError(f"cannot open stdin file {stdin.path}")
     elif stdin.kind == "bytes":
@@ -982,6 +1064,8 @@ def _set_stdin(loaded: Loaded, wasi: CData, stdin: Stdio, keep: list[Any]) -> No
         lib.wasm_byte_vec_delete(vec)  # now empty; deleting it is a no-op kept for symmetry
     elif stdin.kind == "capture":
         raise CantHandle("stdin cannot be captured; use Stdio.from_bytes or a file")
+    elif stdin.kind == "fd":
+        raise CantHandle("Stdio.fd needs the stdio plumbing")
     # "null": no stdin configured means an empty one
 
 
