@@ -218,3 +218,15 @@ def test_pack_input_must_be_a_bounded_regular_file(
     assert main(["pack", str(source), f"{tmp_path / 'layout'}:v1"]) == 1
     assert "not a regular file" in capsys.readouterr().err
     assert not (tmp_path / "layout").exists()  # the layout pack would have made is gone
+
+
+@pytest.mark.parametrize("target", [":v1", ":\0"])
+def test_pack_with_an_empty_dir_writes_nothing_in_the_cwd(
+    tmp_path: Path, module: bytes, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    # "DIR" was "": the layout went into the current directory (and a failure rmtree'd "").
+    wasm = tmp_path / "app.wasm"
+    wasm.write_bytes(module)
+    monkeypatch.chdir(tmp_path)
+    assert main(["pack", str(wasm), target]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.wasm"]

@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from wasidispatch.oci.layout import MAX_WASM_SIZE, ImageLayout, pack_wasm
 
     directory, tag = split_layout_ref(args.target, must_exist=False)
-    if tag is None:
-        raise SpecError(f"{args.target}: give the target as DIR:TAG")
+    if tag is None or not directory:
+        raise SpecError(f"{args.target!r}: give the target as DIR:TAG")
     # A regular file of at most MAX_WASM_SIZE: a FIFO or /dev/zero is refused, never read.
     wasm = _fs.read_regular(args.wasm, limit=MAX_WASM_SIZE, what="FILE.wasm")
     created = not os.path.lexists(directory)

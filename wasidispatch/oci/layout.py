@@ -156,6 +156,15 @@ def _open_regular(path: Path, what: str) -> IO[bytes]:
         raise
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 form (no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _now_rfc3339() -> str:
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     when = (
@@ -309,6 +318,8 @@ class ImageLayout:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SpecError(f"{root}: cannot create image layout: {exc.strerror}") from exc
+        except ValueError as exc:  # a NUL or a lone surrogate in the path
+            raise SpecError(f"{root!r}: cannot create image layout: {exc}") from exc
         _real_dir(root / "blobs")
         _real_dir(root / "blobs" / "sha256")
         layout = cls(root)
@@ -369,7 +380,7 @@ class ImageLayout:
         The blob must already be in the layout. Returns the descriptor as written (with the
         ``org.opencontainers.image.ref.name`` annotation).
         """
-        if not ref or any(c in ref for c in "\0\n"):
+        if not ref or any(c in ref for c in "\0\n") or not _utf8(ref):
             raise SpecError(f"invalid reference name {ref!r}")
         if not self.has_blob(descriptor.digest):
             raise SpecError(f"{self.path}: cannot tag {ref!r}: blob {descriptor.digest} missing")

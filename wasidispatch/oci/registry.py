@@ -382,6 +382,8 @@ def pull(
     """
     if timeout is not None and not (timeout > 0 and timeout < float("inf")):
         raise RegistryError(f"pull timeout must be a positive number of seconds, not {timeout}")
+    if not os.fspath(layout_dir):
+        raise RegistryError(f"pull {ref}: name the layout directory")
     client = _Client(ref, plain_http)
     created = not os.path.lexists(layout_dir)
     try:
