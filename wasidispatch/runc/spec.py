@@ -35,6 +35,29 @@ _SPECIAL = {"block_io": "blockIO"}
 
 _N = TypeVar("_N", bound="Node")
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+UINT32_MAX, UINT64_MAX = (1 << 32) - 1, (1 << 64) - 1
+_RLIMITS = frozenset(
+    [
+        "RLIMIT_AS",
+        "RLIMIT_CORE",
+        "RLIMIT_CPU",
+        "RLIMIT_DATA",
+        "RLIMIT_FSIZE",
+        "RLIMIT_LOCKS",
+        "RLIMIT_MEMLOCK",
+        "RLIMIT_MSGQUEUE",
+        "RLIMIT_NICE",
+        "RLIMIT_NOFILE",
+        "RLIMIT_NPROC",
+        "RLIMIT_RSS",
+        "RLIMIT_RTPRIO",
+        "RLIMIT_RTTIME",
+        "RLIMIT_SIGPENDING",
+        "RLIMIT_STACK",
+    ]
+)
+
 
 def _camel(name: str) -> str:
     special = _SPECIAL.get(name)
@@ -86,7 +109,10 @@ class Node:
 
     def _str(self, key: str) -> str | None:
         value = self._doc.get(key)
-        if value is None or isinstance(value, str):
+        if value is None:
+            return None
+        if isinstance(value, str):
+            _check_text(value, self._field(key))
             return value
         raise self._bad(key, "a string")
 
@@ -96,17 +122,25 @@ class Node:
             return value
         raise self._bad(key, "a boolean")
 
-    def _int(self, key: str) -> int | None:
+    def _int(self, key: str, lo: int = INT64_MIN, hi: int = INT64_MAX) -> int | None:
+        """An integer field in ``[lo, hi]`` (int64 unless told: Go's type for most of them).
+        A float (``1e308``, ``1.0``), ``NaN``, ``Infinity`` or a boolean is not one."""
         value = self._doc.get(key)
-        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-            return value
-        raise self._bad(key, "an integer")
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self._bad(key, "an integer")
+        if not lo <= value <= hi:
+            raise SpecError(f"{self._field(key)}: {value} is out of range [{lo}, {hi}]")
+        return value
 
     def _strs(self, key: str) -> list[str] | None:
         value = self._doc.get(key)
         if value is None:
             return None
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            for i, item in enumerate(value):
+                _check_text(item, f"{self._field(key)}.{i}")
             return value
         raise self._bad(key, "a list of strings")
 
@@ -117,6 +151,26 @@ class Node:
         if isinstance(value, dict):
             return kind(value, self._field(key))
         raise self._bad(key, "an object")
+
+    def _children(self, key: str, kind: type[_N]) -> list[_N] | None:
+        value = self._doc.get(key)
+        if value is None:
+            return None
+        if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            return [kind(v, f"{self._field(key)}.{i}") for i, v in enumerate(value)]
+        raise self._bad(key, "a list of objects")
+
+
+def _check_text(value: str, field: str) -> None:
+    """A string that becomes a path, an argument or an environment entry: no NUL (the kernel
+    would cut it there) and valid Unicode (JSON can carry a lone surrogate, which has no
+    bytes on the file system)."""
+    if "\0" in value:
+        raise SpecError(f"{field}: contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SpecError(f"{field}: contains a lone surrogate (not valid Unicode)") from None
 
 
 class LeanProcess(Node):
@@ -134,6 +188,31 @@ class LeanProcess(Node):
         """``process.cwd`` (``/`` when unset)."""
         return self._str("cwd") or "/"
 
+    @property
+    def terminal(self) -> bool | None:
+        """``process.terminal``."""
+        return self._bool("terminal")
+
+    @property
+    def no_new_privileges(self) -> bool | None:
+        """``process.noNewPrivileges``."""
+        return self._bool("noNewPrivileges")
+
+    @property
+    def oom_score_adj(self) -> int | None:
+        """``process.oomScoreAdj``, in the kernel's range -1000..1000."""
+        return self._int("oomScoreAdj", -1000, 1000)
+
+    @property
+    def rlimits(self) -> list[LeanRlimit] | None:
+        """``process.rlimits``."""
+        return self._children("rlimits", LeanRlimit)
+
+    @property
+    def user(self) -> LeanUser | None:
+        """``process.user``."""
+        return self._child("user", LeanUser)
+
     def env_dict(self) -> dict[str, str]:
         """``process.env`` as a mapping, as the models' ``Process.env_dict`` (later entries
         win; an entry without ``=`` maps to ``""``).
@@ -146,6 +225,61 @@ class LeanProcess(Node):
             key, _, value = entry.partition("=")
             out[key] = value
         return out
+
+
+class LeanRlimit(Node):
+    """One of ``process.rlimits``: ``type`` (``RLIMIT_*``), ``soft`` <= ``hard`` (uint64)."""
+
+    __slots__ = ()
+
+    @property
+    def type(self) -> str:
+        """``type``, one of the kernel's ``RLIMIT_*`` names."""
+        value = self._str("type")
+        if value not in _RLIMITS:
+            raise SpecError(f"{self._field('type')}: unknown rlimit {value!r}")
+        return value
+
+    @property
+    def soft(self) -> int:
+        """``soft`` (0 when unset)."""
+        return self._int("soft", 0, UINT64_MAX) or 0
+
+    @property
+    def hard(self) -> int:
+        """``hard`` (0 when unset), at least ``soft``."""
+        hard = self._int("hard", 0, UINT64_MAX) or 0
+        if hard < self.soft:
+            raise SpecError(f"{self._field('soft')}: {self.soft} is above hard ({hard})")
+        return hard
+
+
+class LeanUser(Node):
+    """``process.user``: ``uid``, ``gid``, ``additionalGids`` (uint32)."""
+
+    __slots__ = ()
+
+    @property
+    def uid(self) -> int:
+        """``uid`` (0 when unset)."""
+        return self._int("uid", 0, UINT32_MAX) or 0
+
+    @property
+    def gid(self) -> int:
+        """``gid`` (0 when unset)."""
+        return self._int("gid", 0, UINT32_MAX) or 0
+
+    @property
+    def additional_gids(self) -> list[int]:
+        """``additionalGids``."""
+        value = self._doc.get("additionalGids")
+        if value is None:
+            return []
+        if isinstance(value, list) and all(
+            isinstance(g, int) and not isinstance(g, bool) and 0 <= g <= UINT32_MAX for g in value
+        ):
+            return value
+        raise self._bad("additionalGids", f"a list of integers in [0, {UINT32_MAX}]")
 
 
 class LeanRoot(Node):
@@ -189,18 +323,72 @@ class LeanMount(Node):
 
 
 class LeanMemory(Node):
-    """``linux.resources.memory``: typed ``limit``."""
+    """``linux.resources.memory``: typed ``limit``, ``reservation``, ``swap`` (int64 bytes;
+    -1 is unlimited, as for runc)."""
 
     __slots__ = ()
 
     @property
     def limit(self) -> int | None:
         """``limit`` in bytes."""
-        return self._int("limit")
+        return self._int("limit", -1)
+
+    @property
+    def reservation(self) -> int | None:
+        """``reservation`` in bytes."""
+        return self._int("reservation", -1)
+
+    @property
+    def swap(self) -> int | None:
+        """``swap`` in bytes."""
+        return self._int("swap", -1)
+
+
+class LeanPids(Node):
+    """``linux.resources.pids``: typed ``limit`` (int64; 0 or -1 is unlimited)."""
+
+    __slots__ = ()
+
+    @property
+    def limit(self) -> int | None:
+        """``limit``."""
+        return self._int("limit", -1)
+
+
+class LeanCpu(Node):
+    """``linux.resources.cpu``: typed ``shares``, ``quota``, ``period`` (not applied to a
+    Wasm container, but refused when runc would refuse them)."""
+
+    __slots__ = ()
+
+    @property
+    def shares(self) -> int | None:
+        """``shares`` (uint64)."""
+        return self._int("shares", 0, UINT64_MAX)
+
+    @property
+    def quota(self) -> int | None:
+        """``quota`` (int64; -1 is unlimited)."""
+        return self._int("quota")
+
+    @property
+    def period(self) -> int | None:
+        """``period`` (uint64)."""
+        return self._int("period", 0, UINT64_MAX)
+
+    @property
+    def cpus(self) -> str | None:
+        """``cpus``."""
+        return self._str("cpus")
+
+    @property
+    def mems(self) -> str | None:
+        """``mems``."""
+        return self._str("mems")
 
 
 class LeanResources(Node):
-    """``linux.resources``: typed ``memory``."""
+    """``linux.resources``: typed ``memory``, ``pids``, ``cpu``."""
 
     __slots__ = ()
 
@@ -209,11 +397,26 @@ class LeanResources(Node):
         """``memory``."""
         return self._child("memory", LeanMemory)
 
+    @property
+    def pids(self) -> LeanPids | None:
+        """``pids``."""
+        return self._child("pids", LeanPids)
+
+    @property
+    def cpu(self) -> LeanCpu | None:
+        """``cpu``."""
+        return self._child("cpu", LeanCpu)
+
 
 class LeanLinux(Node):
-    """``linux``: typed ``resources``."""
+    """``linux``: typed ``resources`` and ``cgroupsPath``."""
 
     __slots__ = ()
+
+    @property
+    def cgroups_path(self) -> str | None:
+        """``cgroupsPath``."""
+        return self._str("cgroupsPath")
 
     @property
     def resources(self) -> LeanResources | None:
@@ -255,12 +458,11 @@ class LeanSpec(Node):
     @property
     def mounts(self) -> list[LeanMount] | None:
         """``mounts``."""
-        value = self._doc.get("mounts")
-        if value is None:
-            return None
-        if isinstance(value, list) and all(isinstance(m, dict) for m in value):
-            return [LeanMount(m, f"mounts.{i}") for i, m in enumerate(value)]
-        raise self._bad("mounts", "a list of objects")
+        return self._children("mounts", LeanMount)
+
+
+def _no_constant(name: str) -> Any:
+    raise SpecError(f"{name} is not a JSON number")
 
 
 class LeanBundle:
@@ -278,46 +480,72 @@ class LeanBundle:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LeanBundle:
-        """Read ``path/config.json``; `SpecError` when it is unreadable, has no rootfs, or a
-        field the executor reads has the wrong JSON type."""
+        """Read ``path/config.json``; `SpecError` naming the field when it is not a bounded
+        regular file of JSON (a FIFO, a device, a directory, over `_fs.CONFIG_LIMIT`, nested
+        too deep, ``NaN``), has no rootfs, or a field the runtime reads has the wrong JSON
+        type, a value out of range, or a string with a NUL or a lone surrogate."""
+        from wasidispatch._fs import CONFIG_LIMIT, read_regular
+
         bundle = Path(path).absolute()
         config = bundle / "config.json"
+        data = read_regular(config, limit=CONFIG_LIMIT, what="config.json")
         try:
-            doc = json.loads(config.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise SpecError(f"{config}: {exc}") from exc
+            doc = json.loads(data, parse_constant=_no_constant)
+        except RecursionError:
+            raise SpecError(f"{config}: nested too deeply to be a runtime config") from None
+        except ValueError as exc:
+            raise SpecError(f"{config}: not valid JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise SpecError(f"{config}: not a JSON object")
-        root = doc.get("root")
-        if not isinstance(root, dict) or not isinstance(root.get("path"), str):
-            raise SpecError(f"{config}: root.path: required to run a container")
-        rootfs = _resolve.rootfs_path(config, root["path"])
-        notes = doc.get("annotations")
-        if notes is not None and not (
-            isinstance(notes, dict) and all(isinstance(v, str) for v in notes.values())
-        ):
-            raise SpecError(f"{config}: annotations: not a map of strings")
-        loaded = cls(bundle, doc, rootfs)
         try:
+            root = doc.get("root")
+            if not isinstance(root, dict) or not isinstance(root.get("path"), str):
+                raise SpecError("root.path: required to run a container")
+            _check_text(root["path"], "root.path")
+            notes = doc.get("annotations")
+            if notes is not None and not (
+                isinstance(notes, dict) and all(isinstance(v, str) for v in notes.values())
+            ):
+                raise SpecError("annotations: not a map of strings")
+            rootfs = _resolve.rootfs_path(config, root["path"])
+            loaded = cls(bundle, doc, rootfs)
             loaded._check()
         except SpecError as exc:
+            if str(config) in str(exc):
+                raise
             raise SpecError(f"{config}: {exc}") from None
         return loaded
 
     def _check(self) -> None:
-        """Read every typed field once, so a wrong JSON type fails `load`."""
+        """Read every typed field once, so a wrong JSON type or value fails `load`."""
         spec = self.spec
+        _ = spec._str("ociVersion")
         process = spec.process
         if process is not None:
-            _ = process.args, process.cwd, process.env_dict()
+            _ = process.args, process.cwd, process.env_dict(), process.terminal
+            _ = process.no_new_privileges, process.oom_score_adj
+            for rlimit in process.rlimits or ():
+                _ = rlimit.type, rlimit.soft, rlimit.hard
+            if process.user is not None:
+                _ = process.user.uid, process.user.gid, process.user.additional_gids
         if spec.root is not None:
             _ = spec.root.readonly
         for mount in spec.mounts or ():
             _ = mount.destination, mount.source, mount.type, mount.options
         linux = spec.linux
-        resources = linux.resources if linux is not None else None
-        if resources is not None and resources.memory is not None:
-            _ = resources.memory.limit
+        if linux is None:
+            return
+        _ = linux.cgroups_path
+        resources = linux.resources
+        if resources is None:
+            return
+        if resources.memory is not None:
+            _ = resources.memory.limit, resources.memory.reservation, resources.memory.swap
+        if resources.pids is not None:
+            _ = resources.pids.limit
+        cpu = resources.cpu
+        if cpu is not None:
+            _ = cpu.shares, cpu.quota, cpu.period, cpu.cpus, cpu.mems
 
     def __repr__(self) -> str:
         return f"LeanBundle({str(self.path)!r})"

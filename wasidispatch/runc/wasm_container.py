@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from stat import S_ISREG
 
 from wasidispatch.runc import cgroups
 from wasidispatch.runc.args import Invocation
@@ -48,10 +49,10 @@ from wasidispatch.runc.state import (
 # and each costs more than the module itself (mypy reads TYPE_CHECKING = False as usual).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    from typing import NoReturn
 
     from wasidispatch.executor import Decision, WasmExecutor
-    from wasidispatch.runc.spec import LeanBundle
+    from wasidispatch.runc.spec import LeanBundle, LeanSpec
 
 __all__ = ["COMMANDS", "Plan", "create", "plan", "run"]
 
@@ -89,8 +90,7 @@ def _plainly_linux(bundle_dir: str) -> bool:
 
     config = os.path.join(bundle_dir, "config.json")
     try:
-        with open(config, "rb") as fh:
-            doc = json.loads(fh.read())
+        doc = json.loads(_read_small_regular(config))
         notes = doc.get("annotations") or {}
         if any(key in notes for key in _WASM_ANNOTATIONS):
             return False
@@ -107,15 +107,36 @@ def _plainly_linux(bundle_dir: str) -> bool:
         cwd: str = process.get("cwd") or "/"
         found = _resolve.resolve_entrypoint(Path(config), Path(rootfs), args0, cwd=cwd, path=path)
         return sniff_path(found).is_linux
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
         return False
     except WasiDispatchError:
         return False
 
 
+_FAST_LIMIT = 1 << 20  # what the fast path reads; bigger goes to LeanBundle (its own cap)
+
+
+def _read_small_regular(path: str) -> bytes:
+    """config.json for the fast path: never blocking (a FIFO), only a regular file of at most
+    `_FAST_LIMIT` bytes, else `OSError`: LeanBundle (`wasidispatch._fs.read_regular`, too
+    costly to import here) then says precisely what is wrong."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not S_ISREG(st.st_mode) or st.st_size > _FAST_LIMIT:
+            raise OSError(f"{path}: not a small regular file")
+        data = os.read(fd, _FAST_LIMIT + 1)
+    finally:
+        os.close(fd)
+    if len(data) > _FAST_LIMIT:
+        raise OSError(f"{path}: not a small regular file")
+    return data
+
+
 def plan(bundle_dir: str, log: RuntimeLog) -> Plan | None:
-    """The `Plan` when the dispatch rule says Wasm; ``None`` hands the bundle to runc
-    (a Linux container, or one the rule cannot decide: runc reports its own errors)."""
+    """The `Plan` when the dispatch rule says Wasm; ``None`` hands the bundle to runc (a
+    Linux container, or one whose entrypoint the rule cannot decide: runc reports its own
+    errors). Raises `SpecError` when config.json itself is unreadable or has a bad field."""
     if _plainly_linux(bundle_dir):
         log.debug(f"{bundle_dir}: Linux entrypoint, handing to runc")
         return None
@@ -123,8 +144,10 @@ def plan(bundle_dir: str, log: RuntimeLog) -> Plan | None:
     from wasidispatch.executor import decide
     from wasidispatch.runc.spec import LeanBundle
 
+    # A config.json that cannot be read, or a field with a wrong type or value, is reported
+    # here, naming the field (runc would say much the same, or hang on a FIFO).
+    bundle = LeanBundle.load(bundle_dir)
     try:
-        bundle = LeanBundle.load(bundle_dir)
         decision = decide(bundle)  # a BundleLike, as a Bundle is, without pydantic
     except WasiDispatchError as exc:
         log.debug(f"{bundle_dir}: not decided as Wasm ({exc}), handing to runc")
@@ -374,33 +397,42 @@ def _close_fds(keep: set[int]) -> None:
                 os.close(fd)
 
 
-def _apply_process(spec: Any) -> None:
-    """oomScoreAdj, rlimits, noNewPrivileges and the user of ``process``."""
+def _apply_process(spec: LeanSpec) -> None:
+    """oomScoreAdj, rlimits, noNewPrivileges and the user of ``process`` (each checked by
+    `LeanBundle.load` already)."""
     process = spec.process
     if process is None:
         return
-    oom = getattr(process, "oom_score_adj", None)
+    oom = process.oom_score_adj
     if oom is not None:
         with open("/proc/self/oom_score_adj", "w") as fh:
             fh.write(str(oom))
-    for rlimit in getattr(process, "rlimits", None) or ():
+    for rlimit in process.rlimits or ():
         import resource
 
-        which = getattr(resource, str(rlimit.type), None)
+        which = getattr(resource, rlimit.type, None)
         if not isinstance(which, int):
-            raise RuntimeFailure(f"unknown rlimit {rlimit.type}")
-        resource.setrlimit(which, (rlimit.soft, rlimit.hard))
-    if getattr(process, "no_new_privileges", False):
+            raise RuntimeFailure(f"rlimit {rlimit.type} is not known on this system")
+        resource.setrlimit(which, (_rlim(rlimit.soft), _rlim(rlimit.hard)))
+    if process.no_new_privileges:
         import ctypes
 
         pr_set_no_new_privs = 38
         if ctypes.CDLL(None, use_errno=True).prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
             raise RuntimeFailure("cannot set no_new_privs")
-    user = getattr(process, "user", None)
+    user = process.user
     if user is not None and (user.uid or user.gid) and os.getuid() == 0:
-        os.setgroups(list(user.additional_gids or []))
-        os.setgid(user.gid or 0)
-        os.setuid(user.uid or 0)
+        os.setgroups(user.additional_gids)
+        os.setgid(user.gid)
+        os.setuid(user.uid)
+
+
+def _rlim(value: int) -> int:
+    """An OCI (uint64) rlimit for `resource.setrlimit` (a C long): from 2**63 - 1 up, which
+    includes Go's RLIM_INFINITY (2**64 - 1), it is infinity, as the kernel reads it."""
+    import resource
+
+    return resource.RLIM_INFINITY if value >= (1 << 63) - 1 else value
 
 
 def _executor() -> WasmExecutor:
