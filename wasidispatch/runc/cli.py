@@ -147,20 +147,61 @@ def _dispatch(inv: Invocation, argv: list[str], log: RuntimeLog) -> int:
     return passthrough(argv)
 
 
+def _stdout_closed() -> bool:
+    """Whether nobody reads our stdout any more (a pipe whose reader is gone)."""
+    import select
+
+    poller = select.poll()
+    poller.register(1, select.POLLOUT)
+    return any(event & select.POLLERR for _, event in poller.poll(0))
+
+
+def _end_as_runc_on_a_closed_pipe() -> int:
+    """runc (Go) writing into a closed pipe dies of SIGPIPE, silently: so do we, instead of
+    Python's BrokenPipeError traceback (stdout then points to /dev/null, so the interpreter's
+    last flush cannot complain either)."""
+    import signal
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    return 128 + signal.SIGPIPE  # not reached: the signal ends the process
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``wasidispatch-runc``; returns the exit status (or execs runc)."""
     words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(words)
+    except BrokenPipeError:
+        if _stdout_closed():
+            return _end_as_runc_on_a_closed_pipe()
+        raise
+
+
+def _main(words: list[str]) -> int:
     try:
         inv = parse(words)
     except UsageError:
         return passthrough(words)  # runc prints its own usage error
     if inv.global_options.get("version") is True:
-        return _version()
+        code = _version()
+        sys.stdout.flush()
+        return code
     if inv.command is None or inv.flag("help") or inv.global_options.get("help") is True:
         return passthrough(words)
     log = RuntimeLog(inv.log_path, inv.log_format, debug=inv.global_options.get("debug") is True)
     try:
-        return _dispatch(inv, words, log)
+        code = _dispatch(inv, words, log)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError as exc:
+        if _stdout_closed():
+            raise
+        log.error(str(exc))  # another pipe or socket (the console socket's peer)
+        return 1
     except RuntimeFailure as exc:
         log.error(str(exc))
         return 1
