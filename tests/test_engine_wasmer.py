@@ -92,7 +92,6 @@ def test_concurrent_runs_from_threads() -> None:
 @pytest.mark.parametrize(
     ("workload_kw", "reason"),
     [
-        ({"stdin": Stdio.inherit()}, "stdin"),
         ({"preopens": (Preopen("/tmp", "/tmp"),)}, "/workspace"),
         ({"preopens": (Preopen("/tmp", "/workspace/t", readonly=True),)}, "read-only"),
         ({"preopens": (Preopen("/tmp", "/workspace/../etc"),)}, ".."),

@@ -32,14 +32,19 @@ command name, otherwise the ``exec-name`` of the WASI runner, set through a ``wa
 package. ``cwd`` is honoured when it is ``/`` (the only directory relative paths resolve
 against). What the SDK cannot do otherwise is declared in `capabilities` and refused with
 `CantHandle` by `can_handle`/`run`, never ignored: components, precompilation, memory caps,
-fuel, another entry export, and sharing the host's stdin. What it does differently is
+fuel, another entry export. What it does differently is
 translated:
 
 - each run gets a fresh sandbox (guests never see each other's files);
-- stdout/stderr are always captured by the SDK; ``inherit`` writes them to this process's
-  descriptors 1/2 when the guest ends (not while it runs), ``file`` writes the file,
-  ``null`` drops them;
-- a trap surfaces as an SDK error with the trap's text: it becomes a ``TRAPPED`` result;
+- stdio is streamed while the guest runs (``Command.spawn`` with pipes): stdin is fed
+  chunk by chunk from bytes, a file, a FIFO, a descriptor or this process's own stdin
+  (``inherit``), and the SDK's stdin pipe holds about 64 KiB, so nothing is read ahead
+  beyond one chunk; a read waiting on a FIFO obeys the timeout and the `Cancel`. Outputs
+  go to this process's descriptors 1/2 (``inherit``), a file, a FIFO, a descriptor, or are
+  captured (up to ``output_bytes``) or dropped;
+- a `Cancel` kills the SDK process (the result is ``CANCELLED``);
+- a trap surfaces as an SDK error with the trap's text: it becomes a ``TRAPPED`` result,
+  and what the guest wrote to stdout/stderr before it is kept;
   an import the sandbox does not provide (the guest never started) is `CantHandle`, as on
   the wasmtime engines.
 """
@@ -58,7 +63,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,8 +80,24 @@ from wasidispatch.engines._api import (
     Timings,
     Verdict,
     Workload,
+    cancelled_result,
 )
-from wasidispatch.engines._support import c_string_refusal, check_preopens, wasm_kind
+from wasidispatch.engines._stdio import (
+    CHUNK,
+    RunControl,
+    check_fd,
+    needs_plumbing,
+    open_input,
+    open_output,
+    read_chunk,
+    write_all,
+)
+from wasidispatch.engines._support import (
+    c_string_refusal,
+    check_preopens,
+    check_stdin_file,
+    wasm_kind,
+)
 from wasidispatch.errors import CantHandle, CompileError, EngineError
 
 __all__ = ["MIRROR_LIMIT", "WasmerEngine"]
@@ -243,19 +264,25 @@ class WasmerEngine:
             raise CompileError(f"cannot read the Wasm binary: {exc}") from exc
         if wasm_kind(wasm) == "component":
             raise CantHandle("wasmer-sdk does not run components")
-        stdin: bytes | None = None
-        if workload.stdin.kind == "bytes":
-            stdin = workload.stdin.data or b""
-        elif workload.stdin.kind == "file":
-            assert workload.stdin.path is not None
-            try:
-                stdin = workload.stdin.path.read_bytes()
-            except OSError as exc:
-                raise EngineError(f"cannot read stdin file: {exc}") from exc
-        t0 = time.perf_counter()
-        layout = _Layout.build(workload.preopens, self._mirror_limit)
-        mirror_in = time.perf_counter() - t0
-        return self._loop().call(self._run(workload, wasm, stdin, layout, mirror_in))
+        cancel = workload.cancel
+        if cancel is not None and cancel.cancelled:
+            return RunResult(*cancelled_result(cancel))
+        control = RunControl(workload.limits.timeout, cancel)
+        try:
+            with contextlib.ExitStack() as stack:
+                stdin = stack.enter_context(_stdin_source(workload.stdin))
+                outputs = {
+                    name: stack.enter_context(_Sink.open(stdio, name, control, self._output_bytes))
+                    for name, stdio in (("stdout", workload.stdout), ("stderr", workload.stderr))
+                }
+                t0 = time.perf_counter()
+                layout = _Layout.build(workload.preopens, self._mirror_limit)
+                mirror_in = time.perf_counter() - t0
+                return self._loop().call(
+                    self._run(workload, wasm, stdin, outputs, control, layout, mirror_in)
+                )
+        finally:
+            control.close()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -322,7 +349,9 @@ class WasmerEngine:
         self,
         workload: Workload,
         wasm: bytes,
-        stdin: bytes | None,
+        stdin: _Source,
+        outputs: dict[str, _Sink],
+        control: RunControl,
         layout: _Layout,
         mirror_in: float,
     ) -> RunResult:
@@ -365,8 +394,8 @@ class WasmerEngine:
             output: wasmer_sdk.Output | None = None
             try:
                 command = sandbox.command(package, list(workload.argv[1:]), env=dict(workload.env))
-                output = await command.run(
-                    stdin=stdin, timeout=_sdk_timeout(workload.limits.timeout), check=False
+                output = await _spawn_and_wait(
+                    command, _sdk_timeout(workload.limits.timeout), stdin, outputs, control
                 )
             except wasmer_sdk.WasmerError as exc:
                 if exc.code != "EXECUTION_ERROR":
@@ -384,45 +413,47 @@ class WasmerEngine:
         # The SDK compiles lazily, inside the first run: compile time is counted as run.
         # Mirroring in counts as instantiation, writing back as run.
         timings = Timings(compile=t1 - t0, instantiate=mirror_in + t2 - t1, run=t3 - t2)
-        if output is None:
-            assert error is not None
-            return RunResult(
-                exit_code=TRAP_EXIT_CODE,
-                reason=ExitReason.TRAPPED,
-                message="; ".join([_trap_message(str(error)), *notes]),
-                stdout=b"" if workload.stdout.kind == "capture" else None,
-                stderr=b"" if workload.stderr.kind == "capture" else None,
-                timings=timings,
-            )
-        return self._result(workload, output, timings, notes)
+        return self._result(workload, output, error, outputs, control, timings, notes)
 
     @staticmethod
     def _result(
-        workload: Workload, output: wasmer_sdk.Output, timings: Timings, notes: list[str]
+        workload: Workload,
+        output: wasmer_sdk.Output | None,
+        error: wasmer_sdk.WasmerError | None,
+        outputs: dict[str, _Sink],
+        control: RunControl,
+        timings: Timings,
+        notes: list[str],
     ) -> RunResult:
         notes = list(notes)
-        if output.reason is wasmer_sdk.ExitReason.EXITED:
-            exit_code, reason = output.exit_code, ExitReason.EXITED
-        elif output.reason is wasmer_sdk.ExitReason.TIMEOUT:
+        message: str | None
+        if control.cancelled:
+            assert workload.cancel is not None
+            exit_code, reason, message = cancelled_result(workload.cancel)
+            notes.insert(0, message)
+        elif output is None:
+            assert error is not None
+            exit_code, reason = TRAP_EXIT_CODE, ExitReason.TRAPPED
+            notes.insert(0, _trap_message(str(error)))
+        elif output.reason is wasmer_sdk.ExitReason.TIMEOUT or control.expired:
             exit_code, reason = TRAP_EXIT_CODE, ExitReason.TIMED_OUT
             notes.append(f"timed out after {workload.limits.timeout}s")
+        elif output.reason is wasmer_sdk.ExitReason.EXITED:
+            exit_code, reason = output.exit_code, ExitReason.EXITED
         else:
             exit_code, reason = TRAP_EXIT_CODE, ExitReason.TRAPPED
             notes.append(f"wasmer reported the process {output.reason.value}")
-        streams: dict[str, bytes | None] = {}
-        for name, fd, stdio, captured in (
-            ("stdout", 1, workload.stdout, output.stdout),
-            ("stderr", 2, workload.stderr, output.stderr),
-        ):
-            if captured.truncated:
-                notes.append(f"{name} was cut at {len(captured.bytes)} bytes")
-            streams[name] = _deliver(stdio, fd, captured.bytes)
+        for name, sink in outputs.items():
+            if sink.truncated:
+                notes.append(f"{name} was cut at {sink.limit} bytes")
+            if sink.lost:
+                notes.append(f"{name}: {sink.lost}")
         return RunResult(
             exit_code=exit_code,
             reason=reason,
             message="; ".join(notes) or None,
-            stdout=streams["stdout"],
-            stderr=streams["stderr"],
+            stdout=outputs["stdout"].captured(),
+            stderr=outputs["stderr"].captured(),
             timings=timings,
         )
 
@@ -476,7 +507,6 @@ def _refusal(workload: Workload, discard_writes: bool) -> str | None:
         (lim.memory_bytes is not None, "wasmer-sdk has no memory limit"),
         (lim.fuel is not None, "wasmer-sdk has no fuel metering"),
         (lim.max_wasm_stack is not None, "wasmer-sdk cannot set the Wasm stack size"),
-        (workload.stdin.kind == "inherit", "wasmer-sdk cannot share the host's stdin"),
         (workload.stdin.kind == "capture", "stdin cannot be captured"),
         (workload.stdout.kind == "bytes", "stdout cannot be fed bytes"),
         (workload.stderr.kind == "bytes", "stderr cannot be fed bytes"),
@@ -808,20 +838,196 @@ def _header(workload: Workload) -> bytes:
         return f.read(8)
 
 
-def _deliver(stdio: Stdio, fd: int, data: bytes) -> bytes | None:
-    if stdio.kind == "capture":
-        return data
-    if stdio.kind == "file":
-        assert stdio.path is not None
+# -- streaming stdio ------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    """Where the guest's stdin comes from: bytes, or a descriptor (owned: closed after)."""
+
+    data: bytes | None = None
+    fd: int | None = None
+    regular: bool = False
+
+
+@contextlib.contextmanager
+def _stdin_source(stdio: Stdio) -> Iterator[_Source]:
+    if stdio.kind == "bytes":
+        yield _Source(data=stdio.data or b"")
+        return
+    if stdio.kind == "null":
+        yield _Source(data=b"")
+        return
+    if stdio.kind == "inherit":
+        yield _Source(fd=check_fd(Stdio.fd(0), "stdin (inherited)"))
+        return
+    if stdio.kind == "fd":
+        yield _Source(fd=check_fd(stdio, "stdin"))
+        return
+    assert stdio.kind == "file"
+    assert stdio.path is not None
+    check_stdin_file(stdio.path)
+    fd, _ = open_input(stdio, "stdin")  # non-blocking: a FIFO's open never waits
+    try:
+        yield _Source(fd=fd, regular=stat.S_ISREG(os.fstat(fd).st_mode))
+    finally:
+        os.close(fd)
+
+
+class _Sink:
+    """Where one of the guest's outputs goes, fed chunk by chunk while it runs."""
+
+    def __init__(
+        self, stdio: Stdio, stream: str, control: RunControl, limit: int, fd: int | None
+    ) -> None:
+        self.stdio = stdio
+        self.stream = stream
+        self.control = control
+        self.limit = limit
+        self.fd = fd
+        self.buf = bytearray() if stdio.kind == "capture" else None
+        self.truncated = False
+        self.lost = ""
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, stdio: Stdio, stream: str, control: RunControl, limit: int) -> Iterator[_Sink]:
+        fd: int | None = None
+        owned = False
+        if stdio.kind == "inherit":
+            fd = 1 if stream == "stdout" else 2
+        elif stdio.kind == "fd":
+            fd = check_fd(stdio, stream)
+        elif stdio.kind == "file" and not needs_plumbing(stdio):
+            assert stdio.path is not None
+            try:
+                fd = os.open(
+                    stdio.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
+                )
+            except OSError as exc:
+                raise EngineError(f"cannot open {stream} file {stdio.path}: {exc}") from exc
+            owned = True
+        sink = cls(stdio, stream, control, limit, fd)
         try:
-            stdio.path.write_bytes(data)
-        except OSError as exc:
-            raise EngineError(f"cannot write {stdio.path}: {exc}") from exc
-    elif stdio.kind == "inherit":
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    return None
+            yield sink
+        finally:
+            if owned or sink._fifo:
+                assert sink.fd is not None
+                os.close(sink.fd)
+
+    _fifo = False
+
+    def write(self, data: bytes) -> None:
+        """Deliver ``data`` (called on a worker thread: it may block until the deadline)."""
+        if self.buf is not None:
+            room = self.limit - len(self.buf)
+            if len(data) > room:
+                self.truncated = True
+                data = data[: max(room, 0)]
+            self.buf.extend(data)
+            return
+        if self.stdio.kind == "null" or self.lost:
+            return
+        if self.fd is None:  # a FIFO: opened once it has a reader
+            self.fd = open_output(self.stdio, self.stream, self.control)
+            if self.fd is None:
+                self.lost = "the FIFO had no reader before the run stopped"
+                return
+            self._fifo = True
+        if not write_all(self.fd, data, self.control):
+            self.lost = "the reader went away or the run stopped; the rest was dropped"
+
+    def captured(self) -> bytes | None:
+        return bytes(self.buf) if self.buf is not None else None
+
+
+async def _feed(process: wasmer_sdk.Process, source: _Source, control: RunControl) -> None:
+    """Stream ``source`` into the guest's stdin, one chunk at a time (the SDK's pipe holds
+    about 64 KiB: a guest that does not read stops the feeding, nothing piles up here)."""
+    assert process.stdin is not None
+    try:
+        if source.data is not None:
+            view = memoryview(source.data)
+            for start in range(0, len(view), CHUNK):
+                await process.stdin.write(bytes(view[start : start + CHUNK]))
+        elif source.fd is not None:
+            fd = source.fd
+            while True:
+                if source.regular:
+                    chunk: bytes | None = await asyncio.to_thread(os.read, fd, CHUNK)
+                else:
+                    chunk = await asyncio.to_thread(read_chunk, fd, control)
+                if not chunk:  # end of file, or the run stopped
+                    break
+                await process.stdin.write(chunk)
+        await process.stdin.close()
+    except wasmer_sdk.WasmerError:
+        pass  # the guest closed its stdin or exited: nothing more to feed
+    except OSError:
+        with contextlib.suppress(wasmer_sdk.WasmerError):
+            await process.stdin.close()
+
+
+async def _drain(stream: Any, sink: _Sink) -> None:
+    if stream is None:
+        return
+    async for chunk in stream:
+        if sink.buf is not None or sink.stdio.kind == "null":
+            sink.write(chunk)
+        else:
+            await asyncio.to_thread(sink.write, chunk)
+
+
+async def _spawn_and_wait(
+    command: wasmer_sdk.Command,
+    timeout: float | None,
+    stdin: _Source,
+    outputs: dict[str, _Sink],
+    control: RunControl,
+) -> wasmer_sdk.Output:
+    """Run ``command`` with streamed stdio; kill it when the run's `Cancel` fires."""
+    process = await command.spawn(timeout=timeout, stdin="pipe", stdout="pipe", stderr="pipe")
+    loop = asyncio.get_running_loop()
+    unsubscribe: Any = None
+    if control.cancel is not None:
+
+        def kill() -> None:
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(_kill(process)))
+
+        unsubscribe = control.cancel.subscribe(kill)
+    feeder = asyncio.ensure_future(_feed(process, stdin, control))
+    drains = [
+        asyncio.ensure_future(_drain(process.stdout, outputs["stdout"])),
+        asyncio.ensure_future(_drain(process.stderr, outputs["stderr"])),
+    ]
+    output: wasmer_sdk.Output | None = None
+    try:
+        output = await process.wait(check=False)
+    finally:
+        if unsubscribe is not None:
+            unsubscribe()
+        feeder.cancel()
+        control.wake()  # a stdin read waiting on a FIFO returns now
+        # The SDK ends the output streams when the guest exits or traps, but never after a
+        # kill or a timeout: then only what is already buffered is taken.
+        ended = output is None or output.reason is wasmer_sdk.ExitReason.EXITED
+        _, pending = await asyncio.wait(drains, timeout=_DRAIN_GRACE if ended else 0.1)
+        for task in pending:
+            task.cancel()
+        results = await asyncio.gather(feeder, *drains, return_exceptions=True)
+    for result in results[1:]:
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            raise EngineError(f"wasmer-sdk output stream failed: {result}") from result
+    return output
+
+
+#: Seconds the output streams of a guest that exited may take to deliver their last bytes.
+_DRAIN_GRACE = 10.0
+
+
+async def _kill(process: wasmer_sdk.Process) -> None:
+    with contextlib.suppress(wasmer_sdk.WasmerError):
+        await process.kill()
 
 
 #: Longest timeout handed to the SDK (about 31 years), which refuses one beyond ~1.8e19 s.
