@@ -236,3 +236,26 @@ def test_start_to_exit_wasm_wasidispatch_runc(
         return rt.create(), {}
 
     benchmark.pedantic(rt.start_and_wait, setup=setup, rounds=ROUNDS)  # type: ignore[no-untyped-call]
+
+
+# ------------------------------------------------------------------------- the Linux hand-over
+
+
+@pytest.mark.benchmark(group="linux-handover")
+def test_linux_create_handover_alone(
+    benchmark: BenchmarkFixture, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``create`` of a busybox bundle up to the ``exec`` of runc, with ``/bin/true`` as runc:
+    a fresh interpreter, the plainly-Linux check, the exec; no container. Bytecode caches
+    are written and used (PYTHONDONTWRITEBYTECODE unset), as under containerd."""
+    base = tmp_path_factory.mktemp("handover")
+    bundle = _bundle(base / "linux", False)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["WASIDISPATCH_RUNC"] = "/bin/true"
+    argv = [str(RUNC_CMD), "--root", str(base / "root"), "create", "--bundle", str(bundle), "c"]
+
+    def once() -> None:
+        subprocess.run(argv, check=True, env=env, stdin=subprocess.DEVNULL)
+
+    once()  # bytecode compiled
+    benchmark.pedantic(once, rounds=40, warmup_rounds=2)  # type: ignore[no-untyped-call]
