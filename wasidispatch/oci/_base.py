@@ -147,7 +147,7 @@ class OCIModel(BaseModel):
         nesting deeper than :data:`MAX_DEPTH` and lone surrogates), never another exception.
         """
         try:
-            if isinstance(document, bytes | bytearray | memoryview | str):
+            if isinstance(document, bytes | bytearray | str):
                 return cls.model_validate_json(document)
             check_tree(document, source)
             return cls.model_validate(document)
