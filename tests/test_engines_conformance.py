@@ -9,6 +9,10 @@ refuse such a workload with `CantHandle` (checked by ``test_missing_capability_i
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from tests.guests import build_c, build_wat, guest_bytes
 from wasidispatch import engines
 from wasidispatch.engines import (
     TRAP_EXIT_CODE,
+    Cancel,
     Capabilities,
     Engine,
     ExitReason,
@@ -488,3 +493,311 @@ def test_missing_capability_is_refused(engine: Engine, tmp_path: Path, capabilit
     assert verdict.reason
     with pytest.raises(CantHandle):
         engine.run(workload)
+
+
+# -- descriptors, FIFOs and sockets as stdio; Cancel (issue 11, items 2, 6, 7) ---------------
+
+# fd_write "oops\n" to stderr, then trap: stderr written before a trap must be kept.
+_STDERR_THEN_TRAP = """(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "oops\\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 5))
+    (drop (call $w (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))
+    unreachable))"""
+
+
+class _Peer(threading.Thread):
+    """The other end of a FIFO or a pipe, on a thread: writes ``data`` or reads to EOF."""
+
+    def __init__(self, target: Callable[[], bytes | None]) -> None:
+        super().__init__(daemon=True)
+        self._target = target
+        self.result: bytes | None = None
+
+    def run(self) -> None:
+        self.result = self._target()
+
+    def done(self) -> bytes | None:
+        self.join(30)
+        assert not self.is_alive(), "the peer thread is stuck"
+        return self.result
+
+
+def _write_path(path: Path, data: bytes) -> _Peer:
+    def write() -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+
+    peer = _Peer(write)
+    peer.start()
+    return peer
+
+
+def _read_path(path: Path) -> _Peer:
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    peer = _Peer(read)
+    peer.start()
+    return peer
+
+
+def _read_fd(fd: int) -> _Peer:
+    def read() -> bytes:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    peer = _Peer(read)
+    peer.start()
+    return peer
+
+
+def test_fifos_as_stdin_stdout_and_stderr(engine: Engine, tmp_path: Path) -> None:
+    names = {name: tmp_path / name for name in ("in", "out", "err")}
+    for path in names.values():
+        os.mkfifo(path)
+    data = os.urandom(200_000)  # more than a pipe holds: the bytes must stream
+    writer = _write_path(names["in"], data)
+    out, err = _read_path(names["out"]), _read_path(names["err"])
+    result = run(
+        engine,
+        build_c("cat"),
+        stdin=Stdio.file(names["in"]),
+        stdout=Stdio.file(names["out"]),
+        stderr=Stdio.file(names["err"]),
+    )
+    writer.done()
+    assert result.ok, result
+    assert out.done() == data
+    assert err.done() == b"200000 bytes\n"
+
+
+def test_pipe_descriptors_as_stdio_are_used_and_left_open(engine: Engine) -> None:
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    data = os.urandom(150_000)
+
+    def feed() -> None:
+        os.write(in_w, data)
+        os.close(in_w)
+
+    feeder = _Peer(feed)
+    feeder.start()
+    out, err = _read_fd(out_r), _read_fd(err_r)
+    try:
+        result = run(
+            engine,
+            build_c("cat"),
+            stdin=Stdio.fd(in_r),
+            stdout=Stdio.fd(out_w),
+            stderr=Stdio.fd(err_w),
+        )
+        for fd in (in_r, out_w, err_w):
+            os.fstat(fd)  # still open: the caller owns them
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+        os.close(in_r)
+    feeder.done()
+    assert result.ok, result
+    assert out.done() == data
+    assert err.done() == b"150000 bytes\n"
+    os.close(out_r)
+    os.close(err_r)
+
+
+def test_one_socket_as_stdin_and_stdout(engine: Engine) -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"through a socket\n")
+        theirs.shutdown(socket.SHUT_WR)
+        result = run(
+            engine, build_c("cat"), stdin=Stdio.fd(ours.fileno()), stdout=Stdio.fd(ours.fileno())
+        )
+        ours.shutdown(socket.SHUT_WR)
+        assert result.ok, result
+        assert result.stderr == b"17 bytes\n"
+        assert theirs.makefile("rb").read() == b"through a socket\n"
+
+
+def test_regular_file_descriptor_output_keeps_its_offset(engine: Engine, tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    with open(path, "wb") as f:
+        f.write(b"earlier line\n")
+        f.flush()
+        result = run(engine, build_c("hello"), stdout=Stdio.fd(f.fileno()))
+        assert result.ok, result
+    assert path.read_bytes() == b"earlier line\nhello from wasi\n"  # appended, not truncated
+
+
+def test_character_device_as_stdin(engine: Engine) -> None:
+    result = run(engine, build_c("cat"), stdin=Stdio.file("/dev/null"))
+    assert result.ok, result
+    assert result.stderr == b"0 bytes\n"
+
+
+def test_fifo_stdin_whose_writer_never_closes_times_out(engine: Engine, tmp_path: Path) -> None:
+    need(engine, "timeout")
+    fifo = tmp_path / "in"
+    os.mkfifo(fifo)
+    holder = os.open(fifo, os.O_RDWR)  # a writer that never writes nor closes
+    try:
+        result = run(engine, build_c("cat"), stdin=Stdio.file(fifo), limits=Limits(timeout=0.3))
+    finally:
+        os.close(holder)
+    assert result.reason is ExitReason.TIMED_OUT, result
+    assert result.exit_code == TRAP_EXIT_CODE
+
+
+def test_pipe_stdin_that_never_ends_times_out(engine: Engine) -> None:
+    need(engine, "timeout")
+    r, w = os.pipe()
+    try:
+        os.write(w, b"some but not all\n")
+        result = run(engine, build_c("cat"), stdin=Stdio.fd(r), limits=Limits(timeout=0.3))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert result.reason is ExitReason.TIMED_OUT, result
+
+
+def test_fifo_stdout_without_a_reader_times_out(engine: Engine, tmp_path: Path) -> None:
+    need(engine, "timeout")
+    fifo = tmp_path / "out"
+    os.mkfifo(fifo)
+    result = run(engine, build_c("hello"), stdout=Stdio.file(fifo), limits=Limits(timeout=0.3))
+    assert result.reason is ExitReason.TIMED_OUT, result
+
+
+def test_bad_descriptors_are_typed_errors(engine: Engine) -> None:
+    for bad in (-1, True, "3", 2.0):
+        with pytest.raises(EngineError, match=r"Stdio\.fd"):
+            Stdio.fd(bad)  # type: ignore[arg-type]
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    with pytest.raises(EngineError, match=f"descriptor {r}"):
+        run(engine, build_c("cat"), stdin=Stdio.fd(r))
+
+
+def test_stderr_written_before_a_trap_is_kept(engine: Engine) -> None:
+    result = run(engine, build_wat_text(_STDERR_THEN_TRAP))
+    assert result.reason is ExitReason.TRAPPED, result
+    assert result.stderr == b"oops\n"
+
+
+def build_wat_text(text: str) -> bytes:
+    import wasmtime
+
+    return bytes(wasmtime.wat2wasm(text))
+
+
+def _cancel_later(cancel: Cancel, signum: int) -> threading.Thread:
+    def fire() -> None:
+        time.sleep(0.2)  # not an assertion: the guest must merely be running by then
+        cancel.cancel(signum)
+
+    thread = threading.Thread(target=fire, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("guest", [("c", "loop"), ("wat", "loop")])
+def test_cancel_stops_a_running_guest(engine: Engine, guest: tuple[str, str]) -> None:
+    need(engine, "cancel")
+    cancel = Cancel()
+    firing = _cancel_later(cancel, signal.SIGTERM)
+    result = run(engine, guest_bytes(*guest), cancel=cancel)
+    firing.join()
+    assert (result.exit_code, result.reason) == (128 + 15, ExitReason.CANCELLED), result
+    assert result.message is not None
+    assert "cancelled by signal 15" in result.message
+
+
+def test_cancel_stops_a_guest_blocked_on_a_fifo(engine: Engine, tmp_path: Path) -> None:
+    need(engine, "cancel")
+    fifo = tmp_path / "in"
+    os.mkfifo(fifo)
+    holder = os.open(fifo, os.O_RDWR)
+    cancel = Cancel()
+    firing = _cancel_later(cancel, signal.SIGKILL)
+    try:
+        result = run(engine, build_c("cat"), stdin=Stdio.file(fifo), cancel=cancel)
+    finally:
+        os.close(holder)
+    firing.join()
+    assert (result.exit_code, result.reason) == (137, ExitReason.CANCELLED), result
+
+
+def test_cancel_before_the_run_never_starts_the_guest(engine: Engine, tmp_path: Path) -> None:
+    need(engine, "cancel")
+    cancel = Cancel()
+    cancel.cancel(2)
+    result = run(engine, build_c("hello"), cancel=cancel)
+    assert (result.exit_code, result.reason) == (130, ExitReason.CANCELLED)
+    assert result.message == "cancelled by signal 2"
+    assert not result.stdout
+
+
+def test_an_unfired_cancel_changes_nothing(engine: Engine) -> None:
+    need(engine, "cancel")
+    cancel = Cancel()
+    result = run(engine, build_c("exit"), "3", cancel=cancel, limits=Limits(timeout=30))
+    assert (result.exit_code, result.reason) == (3, ExitReason.EXITED)
+    cancel.cancel()  # after the run: nothing to stop
+    assert cancel.signum == signal.SIGKILL
+
+
+def test_with_stdio_on_a_prepared_workload(engine: Engine, tmp_path: Path) -> None:
+    precompiled = engine.precompile(build_c("cat").read_bytes())
+    base = Workload(
+        wasm=build_c("cat"),
+        argv=("cat",),
+        precompiled=precompiled,
+        stdin=Stdio.null(),
+        stdout=Stdio.capture(),
+        stderr=Stdio.capture(),
+    )
+    for data in (b"first run\n", b"second\n"):
+        workload = base.with_stdio(stdin=Stdio.from_bytes(data))
+        assert workload.precompiled is precompiled
+        assert workload.stdout == base.stdout
+        result = engine.run(workload)
+        assert result.ok, result
+        assert result.stdout == data
+    assert base.stdin == Stdio.null()  # the prepared workload is unchanged
+    assert base.with_stdio() is base
+    with pytest.raises(EngineError, match="stdin"):
+        base.with_stdio(stdin="not a Stdio")  # type: ignore[arg-type]
+
+
+def test_cancel_handle_is_thread_safe_and_first_signal_wins() -> None:
+    cancel = Cancel()
+    seen: list[int] = []
+    cancel.subscribe(lambda: seen.append(1))
+    unsubscribed = cancel.subscribe(lambda: seen.append(2))
+    unsubscribed()
+    threads = [threading.Thread(target=cancel.cancel, args=(s,)) for s in range(1, 30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert cancel.cancelled
+    assert cancel.signum in range(1, 30)
+    assert seen == [1]  # once, and not the unsubscribed one
+    late: list[int] = []
+    cancel.subscribe(lambda: late.append(1))  # already cancelled: called at once
+    assert late == [1]
+    for bad in (0, 128, -9, True, "9"):
+        with pytest.raises(EngineError, match="signal"):
+            Cancel().cancel(bad)  # type: ignore[arg-type]
+    with pytest.raises(EngineError, match="Cancel"):
+        Workload(wasm=b"").with_cancel("x")  # type: ignore[arg-type]
+    assert Workload(wasm=b"").with_cancel(cancel).cancel is cancel

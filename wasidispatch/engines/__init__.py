@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from wasidispatch.engines._api import (
     TRAP_EXIT_CODE,
+    Cancel,
     Capabilities,
     Engine,
     ExitReason,
@@ -42,6 +43,7 @@ from wasidispatch.errors import EngineError, EngineUnavailable, WasiDispatchErro
 __all__ = [
     "ENTRY_POINT_GROUP",
     "TRAP_EXIT_CODE",
+    "Cancel",
     "Capabilities",
     "Engine",
     "EngineInfo",

@@ -293,6 +293,8 @@ class Plumbing:
             self.control.wake()
             thread.join()
             self._thread = None
+        if self.error is not None:
+            raise EngineError(f"the stdio plumbing failed: {self.error!r}") from self.error
 
     def close(self) -> None:
         """Stop the pump (if running) and close every descriptor opened here."""
@@ -399,8 +401,8 @@ class Plumbing:
 
     def _step(self, chan: _Channel, ready: dict[int, int]) -> None:
         src, dst = (chan.host, chan.pipe) if chan.stream == "stdin" else (chan.pipe, chan.host)
-        assert src is not None
-        assert dst is not None
+        if src is None or dst is None:
+            return  # an output FIFO with no reader yet
         readable = ready.get(src, 0) & (select.POLLIN | select.POLLHUP | select.POLLERR)
         if not chan.buf and not chan.eof and readable:
             try:
