@@ -10,7 +10,7 @@ import pytest
 from tests.guests import build_c, guest_bytes
 from wasidispatch import engines
 from wasidispatch.engines import ExitReason, Limits
-from wasidispatch.errors import CantHandle, EngineUnavailable
+from wasidispatch.errors import CantHandle, CompileError, EngineUnavailable
 from wasidispatch.testing import HarnessResult, WasiRun, run_wasm
 
 pytest.importorskip("wasmtime", reason="wasmtime is not installed")
@@ -134,3 +134,43 @@ def test_builder_carries_argv0_cwd_entry_and_precompiled(tmp_path: Path) -> None
     assert artifact is not None
     ran = WasiRun(b"not wasm: the artifact is what runs").with_precompiled(artifact).run()
     assert ran.exit_code == 42
+
+
+_EXIT_7 = """;; a WAT guest, given as text
+(module
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (call $exit (i32.const 7))))"""
+
+
+@pytest.mark.parametrize("engine", ["wasmtime", "wasmtime-fast", "wasmer"])
+def test_wat_as_text_bytes_and_file_path(tmp_path: Path, engine: str) -> None:
+    source = tmp_path / "seven.wat"
+    source.write_text(_EXIT_7)
+    for wasm in (_EXIT_7, _EXIT_7.encode(), source, str(source)):
+        result = run_wasm(wasm, engine=engine)
+        assert (result.exit_code, result.reason) == (7, ExitReason.EXITED), (wasm, result)
+    assert WasiRun(_EXIT_7).on(engine).run().exit_code == 7
+
+
+def test_wat_file_name_is_argv0(tmp_path: Path) -> None:
+    source = tmp_path / "hello.wat"
+    source.write_bytes((Path(__file__).parent / "guests" / "wat" / "hello.wat").read_bytes())
+    assert run_wasm(source).stdout == b"hello from wat\n"
+    assert run_wasm(str(source), argv0="x").ok
+
+
+def test_invalid_wat_is_a_compile_error(tmp_path: Path) -> None:
+    with pytest.raises(CompileError, match="does not assemble"):
+        run_wasm('(module (func (export "_start") (i32.bogus)))')
+    bad = tmp_path / "bad.wat"
+    bad.write_text("(module (oops))")
+    with pytest.raises(CompileError, match=r"bad\.wat"):
+        run_wasm(bad)
+
+
+def test_a_binary_is_not_taken_for_wat(tmp_path: Path) -> None:
+    binary = tmp_path / "exit42.wasm"
+    binary.write_bytes(guest_bytes("wat", "exit42"))
+    assert run_wasm(binary).exit_code == 42
+    assert run_wasm(guest_bytes("wat", "exit42")).exit_code == 42

@@ -8,6 +8,11 @@ are the arguments *after* the program name (``argv[0]`` is the file's name, or `
 name it has in the list (or, in a mapping, guest name -> host directory). stdout and stderr
 are always captured. `WasiRun` is the same as a small builder.
 
+``wasm`` may be the WebAssembly text format too, as `wasidispatch.detect.sniff` recognises it
+(``wasm-text``): a ``str`` or ``bytes`` holding a ``(module ...)`` / ``(component ...)``, or a
+path to such a file. It is assembled with ``wasmtime.wat2wasm`` first (`CompileError` when
+it does not assemble). Any other ``str`` is a path.
+
 Example::
 
     >>> import wasmtime
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wasidispatch.engines._api import ExitReason, Limits, Preopen, Stdio, Timings, Workload
-from wasidispatch.errors import EngineError
+from wasidispatch.errors import CompileError, EngineError
 
 __all__ = ["HarnessResult", "WasiRun", "run_wasm"]
 
@@ -72,6 +77,45 @@ def _preopens(dirs: Dirs, readonly: bool) -> tuple[Preopen, ...]:
     return tuple(Preopen(Path(d), str(d), readonly) for d in dirs)
 
 
+def _assemble(text: bytes, where: str) -> bytes:
+    try:
+        import wasmtime
+    except ImportError as exc:  # pragma: no cover - wasmtime is a dependency
+        raise CompileError(f"assembling {where} needs the wasmtime package") from exc
+    try:
+        return bytes(wasmtime.wat2wasm(text.decode("utf-8")))
+    except UnicodeDecodeError as exc:
+        raise CompileError(f"{where} is not UTF-8 WebAssembly text: {exc}") from exc
+    except wasmtime.WasmtimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+        raise CompileError(f"{where} does not assemble: {first}") from exc
+
+
+def _binary(wasm: bytes | str | Path) -> tuple[bytes | Path, str | None]:
+    """``(bytes or path to run, the file name for argv[0])``: WAT (text, bytes or a file, as
+    `wasidispatch.detect.sniff` tells it) assembled, a binary or its path kept as it is."""
+    from wasidispatch.detect import PREFIX_SIZE, sniff
+
+    if isinstance(wasm, str):
+        if sniff(wasm[:PREFIX_SIZE].encode("utf-8", "replace")).format == "wasm-text":
+            return _assemble(wasm.encode("utf-8", "surrogatepass"), "the WAT text"), None
+        wasm = Path(wasm)
+    if isinstance(wasm, Path):
+        try:
+            with open(wasm, "rb") as f:
+                head = f.read(PREFIX_SIZE)
+                if sniff(head).format != "wasm-text":
+                    return wasm, wasm.name
+                text = head + f.read()
+        except OSError:
+            return wasm, wasm.name  # the engine reports an unreadable file
+        return _assemble(text, str(wasm)), wasm.name
+    data = bytes(wasm)
+    if sniff(data[:PREFIX_SIZE]).format == "wasm-text":
+        return _assemble(data, "the WAT text"), None
+    return data, None
+
+
 def run_wasm(
     wasm: bytes | str | Path,
     *,
@@ -87,7 +131,8 @@ def run_wasm(
     entry: str | None = None,
     precompiled: bytes | Path | None = None,
 ) -> HarnessResult:
-    """Run ``wasm`` (bytes or a path) on ``engine`` and collect the result.
+    """Run ``wasm`` (a binary or WAT: bytes, text or a path) on ``engine`` and collect the
+    result.
 
     ``stdin`` is bytes, or a path (`Path`) to read it from; a ``str`` is encoded as UTF-8.
     ``dirs`` are preopened read-write, ``readonly_dirs`` read-only. Raises what `Engine.run` raises
@@ -96,16 +141,15 @@ def run_wasm(
     """
     from wasidispatch import engines
 
-    if isinstance(wasm, str):
-        wasm = Path(wasm)
+    binary, name = _binary(wasm)
     if argv0 is None:
-        argv0 = wasm.name if isinstance(wasm, Path) else "main.wasm"
+        argv0 = name or "main.wasm"
     if isinstance(stdin, Path):
         stdin_io = Stdio.file(stdin)
     else:
         stdin_io = Stdio.from_bytes(stdin.encode() if isinstance(stdin, str) else stdin)
     workload = Workload(
-        wasm=wasm,
+        wasm=binary,
         argv=(argv0, *args),
         env=dict(env or {}),
         preopens=_preopens(dirs, False) + _preopens(readonly_dirs, True),
@@ -134,7 +178,8 @@ def run_wasm(
 
 @dataclass(frozen=True)
 class WasiRun:
-    """A builder over `run_wasm`: each method returns a new, changed copy.
+    """A builder over `run_wasm`: each method returns a new, changed copy. ``wasm`` is a
+    binary or WAT, as `run_wasm` takes it.
 
     Example::
 
