@@ -52,8 +52,10 @@ translated:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextlib
+import gc
 import hashlib
 import os
 import posixpath
@@ -132,6 +134,36 @@ _WORKSPACE = "/workspace"
 _PACKAGE_CACHE = 16
 
 
+_LIVE: weakref.WeakValueDictionary[int, WasmerEngine] = weakref.WeakValueDictionary()
+_exit_hook_registered = False
+_exit_lock = threading.Lock()
+
+
+def _register_exit_hook() -> None:
+    """Register `_close_all_at_exit` once, when the first event loop starts: atexit runs
+    hooks last-registered-first, so it runs before the hooks of modules imported earlier
+    (wasmtime's among them), while the interpreter is whole."""
+    global _exit_hook_registered
+    with _exit_lock:
+        if not _exit_hook_registered:
+            atexit.register(_close_all_at_exit)
+            _exit_hook_registered = True
+
+
+def _close_all_at_exit() -> None:
+    """Close every live engine (SDK client, then its loop thread) and free the SDK's objects.
+
+    Left to interpreter finalization, wasmer-sdk's native threads could call back into
+    Python (the continuation of an async call) while the interpreter is being torn down:
+    such a thread is ended by Python in the middle of Rust frames, which aborts the whole
+    process ("FATAL: exception not rethrown", SIGABRT) or crashes it (SIGSEGV) at exit.
+    """
+    for engine in list(_LIVE.values()):
+        with contextlib.suppress(Exception):
+            engine.close()
+    gc.collect()  # the SDK's native objects are freed now, not during finalization
+
+
 class _LoopThread:
     """One asyncio loop running on one daemon thread; `call` runs a coroutine on it."""
 
@@ -206,6 +238,7 @@ class WasmerEngine:
         # Shared with the finalizer, which must not keep `self` alive.
         self._state: dict[str, Any] = {}
         self._finalizer = weakref.finalize(self, _shutdown, self._state)
+        _LIVE[id(self)] = self
 
     # -- the Engine protocol -------------------------------------------------------------
 
@@ -296,6 +329,7 @@ class WasmerEngine:
         with self._lock:
             loop: _LoopThread | None = self._state.get("loop")
             if loop is None:
+                _register_exit_hook()
                 loop = self._state["loop"] = _LoopThread()
             return loop
 
