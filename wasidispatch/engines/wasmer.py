@@ -558,8 +558,9 @@ def _refusal(workload: Workload, discard_writes: bool) -> str | None:
         return f"argv[0] {workload.argv[0]!r} is not valid Unicode"
     if workload.cwd is not None and posixpath.normpath(workload.cwd) != "/":
         return (
-            f"wasmer-sdk cannot set the working directory {workload.cwd!r}: relative paths "
-            "always resolve against / in its sandbox"
+            f"wasmer-sdk cannot set the working directory {workload.cwd!r}: it fixes the "
+            "guest's preopens (/, ., /) and a WASI guest resolves relative paths through them "
+            "from /, whatever cwd the SDK's Command is given (measured on wasmer-sdk 0.5)"
         )
     for pre in workload.preopens:
         refused = _preopen_refusal(pre, discard_writes)
