@@ -801,3 +801,23 @@ def test_cancel_handle_is_thread_safe_and_first_signal_wins() -> None:
     with pytest.raises(EngineError, match="Cancel"):
         Workload(wasm=b"").with_cancel("x")  # type: ignore[arg-type]
     assert Workload(wasm=b"").with_cancel(cancel).cancel is cancel
+
+
+def test_endless_stdin_is_not_read_ahead(engine: Engine) -> None:
+    # /dev/zero never ends: an engine that read stdin to EOF before starting the guest (as
+    # Wasmer's did) would never start it, and grow without bound meanwhile.
+    result = run(engine, build_c("hello"), stdin=Stdio.file("/dev/zero"))
+    assert result.ok, result
+    assert result.stdout == b"hello from wasi\n"
+
+
+def test_endless_stdin_read_by_the_guest_ends_at_the_timeout(engine: Engine) -> None:
+    need(engine, "timeout")
+    result = run(
+        engine,
+        build_c("cat"),
+        stdin=Stdio.file("/dev/zero"),
+        stdout=Stdio.null(),
+        limits=Limits(timeout=0.3),
+    )
+    assert result.reason is ExitReason.TIMED_OUT, result
