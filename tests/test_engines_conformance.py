@@ -821,3 +821,37 @@ def test_endless_stdin_read_by_the_guest_ends_at_the_timeout(engine: Engine) -> 
         limits=Limits(timeout=0.3),
     )
     assert result.reason is ExitReason.TIMED_OUT, result
+
+
+_EXTREMES = [1e308, float("inf"), float("nan"), -1, 0, 1 << 70, 1.5, True, "5"]
+
+
+@pytest.mark.parametrize("field", ["timeout", "memory_bytes", "fuel", "max_wasm_stack"])
+@pytest.mark.parametrize("value", _EXTREMES, ids=repr)
+def test_limits_at_the_extremes_are_typed_errors_or_clamps(
+    engine: Engine, field: str, value: object
+) -> None:
+    workload = Workload(
+        wasm=build_c("hello"),
+        argv=("guest.wasm",),
+        stdin=Stdio.null(),
+        stdout=Stdio.capture(),
+        limits=Limits(**{field: value}),  # type: ignore[arg-type]
+    )
+    verdict = engine.can_handle(workload)
+    error: Exception | None = None
+    result: RunResult | None = None
+    try:
+        result = engine.run(workload)
+    except (CantHandle, EngineError) as exc:  # typed; anything else fails the test
+        error = exc
+    if error is not None:
+        assert not verdict, f"can_handle took what run refused: {error}"
+        assert field in str(error) or "wasmer-sdk" in str(error), error
+        return
+    assert verdict, "run took what can_handle refused"
+    assert result is not None
+    if value == 0 and field in ("memory_bytes", "fuel"):
+        assert result.reason in (ExitReason.OUT_OF_MEMORY, ExitReason.OUT_OF_FUEL), result
+    else:
+        assert result.ok, result  # a clamp: so large a limit is no limit at all

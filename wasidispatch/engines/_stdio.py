@@ -49,9 +49,10 @@ class RunControl:
     """
 
     def __init__(self, timeout: float | None, cancel: Cancel | None) -> None:
+        usable = isinstance(timeout, int | float) and not isinstance(timeout, bool)
         self.deadline = (
             time.monotonic() + timeout
-            if timeout is not None and math.isfinite(timeout) and timeout < 1e9
+            if usable and timeout is not None and 0 < timeout < 1e9
             else None
         )
         self.cancel = cancel

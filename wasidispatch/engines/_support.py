@@ -61,6 +61,7 @@ __all__ = [
     "open_envelope",
     "open_envelope_file",
     "seal_envelope",
+    "timeout_refusal",
     "wasm_kind",
     "wasmtime_refusal",
 ]
@@ -98,8 +99,12 @@ WASMTIME_MAX_WASM_STACK = 2 * 1024 * 1024
 
 
 def limits_refusal(limits: Limits) -> str | None:
-    """Why wasmtime must not be given ``limits`` (``None`` when it may): a stack size that
-    would abort the interpreter, negative or non-finite limits.
+    """Why wasmtime must not be given ``limits`` (``None`` when it may): a value of the wrong
+    type (a bool, a string, a float where an integer is meant), a stack size that would
+    abort the interpreter, negative, zero or NaN limits, an infinite timeout.
+
+    Clamps, documented: ``memory_bytes`` and ``fuel`` above ``2**63 - 1`` (`LIMIT_MAX`) and a
+    ``timeout`` beyond what the epoch deadline can count (about 7e14 years) mean no limit.
 
     Example::
 
@@ -107,19 +112,44 @@ def limits_refusal(limits: Limits) -> str | None:
         True
         >>> limits_refusal(Limits(fuel=-1))
         'limits.fuel must not be negative, got -1'
+        >>> limits_refusal(Limits(memory_bytes=1.5))
+        'limits.memory_bytes must be an integer number of bytes, got 1.5'
     """
-    stack = limits.max_wasm_stack
-    if stack is not None and not 0 < stack <= WASMTIME_MAX_WASM_STACK:
-        return (
-            f"max_wasm_stack must be between 1 and {WASMTIME_MAX_WASM_STACK} bytes "
-            f"(wasmtime aborts the process otherwise), got {stack}"
-        )
-    for field in ("memory_bytes", "fuel"):
+    reason = timeout_refusal(limits.timeout)
+    if reason is not None:
+        return reason
+    for field, unit in (("memory_bytes", "bytes"), ("fuel", "fuel units")):
         value = getattr(limits, field)
-        if value is not None and value < 0:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"limits.{field} must be an integer number of {unit}, got {value!r}"
+        if value < 0:
             return f"limits.{field} must not be negative, got {value}"
-    if limits.timeout is not None and not (limits.timeout > 0 and math.isfinite(limits.timeout)):
-        return f"limits.timeout must be a positive number, got {limits.timeout}"
+    stack = limits.max_wasm_stack
+    if stack is not None:
+        if isinstance(stack, bool) or not isinstance(stack, int):
+            return f"limits.max_wasm_stack must be an integer number of bytes, got {stack!r}"
+        if not 0 < stack <= WASMTIME_MAX_WASM_STACK:
+            return (
+                f"max_wasm_stack must be between 1 and {WASMTIME_MAX_WASM_STACK} bytes "
+                f"(wasmtime aborts the process otherwise), got {stack}"
+            )
+    return None
+
+
+def timeout_refusal(timeout: object) -> str | None:
+    """Why ``timeout`` is not a usable ``Limits.timeout`` (``None`` when it is): it must be
+    a positive, finite number of seconds (an int or a float, not a bool), or ``None``."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        return f"limits.timeout must be a number of seconds, got {timeout!r}"
+    if not (timeout > 0 and math.isfinite(timeout)):
+        return (
+            f"limits.timeout must be a positive, finite number of seconds (None for no "
+            f"timeout), got {timeout}"
+        )
     return None
 
 
@@ -186,10 +216,13 @@ def deadline_ticks(timeout: float) -> int:
 
     Example::
 
-        >>> deadline_ticks(0.001), deadline_ticks(1.0), deadline_ticks(1e300) == NEVER
+        >>> deadline_ticks(0.001), deadline_ticks(1.0), deadline_ticks(1e308) == NEVER
         (2, 201, True)
     """
-    return min(max(1, math.ceil(timeout / TICK)) + 1, NEVER)  # wasmtime takes a u64 delta
+    ticks = timeout / TICK
+    if not ticks < NEVER:  # also a quotient that overflowed to infinity
+        return NEVER
+    return min(max(1, math.ceil(ticks)) + 1, NEVER)  # wasmtime takes a u64 delta
 
 
 #: Largest memory cap or fuel handed to wasmtime (its C API takes them as 64-bit integers;

@@ -98,6 +98,7 @@ from wasidispatch.engines._support import (
     c_string_refusal,
     check_preopens,
     check_stdin_file,
+    timeout_refusal,
     wasm_kind,
 )
 from wasidispatch.errors import CantHandle, CompileError, EngineError
@@ -552,8 +553,9 @@ def _refusal(workload: Workload, discard_writes: bool) -> str | None:
     unrepresentable = c_string_refusal(workload)
     if unrepresentable is not None:
         return unrepresentable
-    if lim.timeout is not None and not lim.timeout > 0:
-        return f"limits.timeout must be a positive number, got {lim.timeout}"
+    timeout_reason = timeout_refusal(lim.timeout)
+    if timeout_reason is not None:
+        return timeout_reason
     if not _encodable(workload.argv[0]):
         return f"argv[0] {workload.argv[0]!r} is not valid Unicode"
     if workload.cwd is not None and posixpath.normpath(workload.cwd) != "/":
