@@ -344,3 +344,17 @@ def test_fuzz_any_bytes(tmp_path: Path, data: bytes) -> None:
     (tmp_path / "config.json").write_bytes(data)
     with contextlib.suppress(SpecError):
         LeanBundle.load(tmp_path)
+
+
+@needs_runtime
+@pytest.mark.parametrize("value", ["99999999999999999999", "-1", "+3", " 1", "1_0", "١"])
+def test_create_refuses_a_bad_preserve_fds(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None, value: str
+) -> None:
+    """A count beyond any process's descriptors was a set of that many numbers (memory and
+    time without end); Go's parser refuses a sign, spaces, "_" and non-ASCII digits."""
+    bundle = wasm_bundle(tmp_path / "b", "hello", [], cgroup_name)
+    with (tmp_path / "out").open("wb") as out:
+        proc = runtime("create", "--preserve-fds", value, "--bundle", str(bundle), "f4", stdout=out)
+    _assert_refused(runtime, proc, "--preserve-fds", "f4")
+    assert cgroup_dirs(cgroup_name) == []

@@ -166,16 +166,20 @@ def _now_rfc3339() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"
 
 
+# More descriptors than a process can hold is no count of fds to keep (and would make the
+# set of fds to keep as big as the number).
+_MAX_FDS = 1 << 20
+
+
 def _int_option(inv: Invocation, name: str) -> int:
     raw = inv.value(name)
     if raw is None:
         return 0
-    try:
-        value = int(raw)
-    except ValueError:
-        raise RuntimeFailure(f"invalid value {raw!r} for --{name}") from None
-    if value < 0:
+    if not raw.isascii() or not raw.isdigit():  # as Go's strconv: no sign, space or "_"
         raise RuntimeFailure(f"invalid value {raw!r} for --{name}")
+    value = int(raw)
+    if value > _MAX_FDS:
+        raise RuntimeFailure(f"invalid value {raw!r} for --{name}: over {_MAX_FDS}")
     return value
 
 
@@ -318,7 +322,7 @@ def _spawn(
         listen = int(os.environ.get("LISTEN_FDS", "0"))
     except ValueError:
         listen = 0
-    keep = set(range(3, 3 + max(listen, 0) + preserve))
+    keep = set(range(3, 3 + min(max(listen, 0), _MAX_FDS) + preserve))
 
     linux = spec.linux
     resources = linux.resources if linux is not None else None
