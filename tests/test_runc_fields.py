@@ -358,3 +358,54 @@ def test_create_refuses_a_bad_preserve_fds(
         proc = runtime("create", "--preserve-fds", value, "--bundle", str(bundle), "f4", stdout=out)
     _assert_refused(runtime, proc, "--preserve-fds", "f4")
     assert cgroup_dirs(cgroup_name) == []
+
+
+def _runc_template() -> dict[str, Any]:
+    """``runc spec``'s own config.json (a real, full document), or BASE without runc."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    runc = shutil.which("runc")
+    if runc is None:
+        return BASE
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([runc, "spec", "--bundle", tmp], check=True)
+        doc: dict[str, Any] = json.loads((Path(tmp) / "config.json").read_text())
+    doc["process"]["args"] = ["/app.wasm"]
+    return doc
+
+
+_TEMPLATE = _runc_template()
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix] if prefix else []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _paths(value, (*prefix, i))
+    return found
+
+
+_TEMPLATE_PATHS = _paths(_TEMPLATE)
+
+
+@_SETTINGS
+@given(where=st.lists(st.sampled_from(_TEMPLATE_PATHS), min_size=1, max_size=3), data=st.data())
+def test_fuzz_mutated_real_config(tmp_path: Path, where: list[tuple[Any, ...]], data: Any) -> None:
+    """``runc spec``'s document with up to three of its values (any depth) replaced by any
+    JSON value: only `SpecError`."""
+    (tmp_path / "rootfs").mkdir(exist_ok=True)
+    doc = copy.deepcopy(_TEMPLATE)
+    for path in where:
+        node = doc
+        try:
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = data.draw(_JSON)
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation replaced a parent
+    _load_only_spec_error(tmp_path, doc)
