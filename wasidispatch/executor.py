@@ -655,6 +655,19 @@ class LinuxExecutor:
                 f"entrypoint {entry} is a Linux executable by its bytes but lacks the execute "
                 "permission (chmod +x it in the rootfs)"
             )
+        if entry is not None and decision.detected is not None:
+            from wasidispatch._binfmt import foreign_elf_refusal
+
+            # Refused here, before runc: runc would create the container and fail only at
+            # exec, with "exec format error" and no word of the architecture.
+            refusal = foreign_elf_refusal(
+                decision.detected,
+                entrypoint=_entry_path(_args0(bundle))[0],
+                path=entry,
+                rootfs=bundle.rootfs,
+            )
+            if refusal is not None:
+                raise CantHandle(refusal)
         accepted = replace(decision, executor=self.name), self._binary()
         self._accepted[key] = accepted
         return accepted
