@@ -15,9 +15,11 @@ waiting on it, exactly as for runc's container init. It
 4. blocks opening ``exec.fifo`` for writing until ``start`` opens it for reading (runc's
    handshake), then runs the guest and exits with its exit code.
 
-Errors of ``create`` reach the log (`wasidispatch.runc.log`): the runtime itself prints
-nothing on the container's stdio. The guest's trap or timeout message, if any, is logged as a
-warning.
+A Linux bundle whose entrypoint is an ELF of another architecture that the node cannot run
+(no binfmt_misc handler, `wasidispatch._binfmt`) is refused by ``create`` before runc, naming
+the architecture. Errors of ``create`` reach the log (`wasidispatch.runc.log`): the runtime
+itself prints nothing on the container's stdio. The guest's trap or timeout message, if any,
+is logged as a warning.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
+    from wasidispatch.detect import Detected
     from wasidispatch.executor import Decision, WasmExecutor
     from wasidispatch.runc.spec import LeanBundle, LeanSpec
 
@@ -73,10 +76,10 @@ class Plan:
 # ------------------------------------------------------------------------------ the decision
 
 
-def _plainly_linux(bundle_dir: str) -> bool:
-    """True when the rule can only say Linux: no Wasm annotation, and ``process.args[0]``,
-    resolved as `decide` resolves it (`wasidispatch._resolve`), is an ELF binary or a ``#!``
-    script.
+def _plainly_linux(bundle_dir: str) -> _Entrypoint | None:
+    """The entrypoint when the rule can only say Linux: no Wasm annotation, and
+    ``process.args[0]``, resolved as `decide` resolves it (`wasidispatch._resolve`), is an ELF
+    binary or a ``#!`` script; else None.
 
     Without `LeanBundle` or the executor (their typing and dataclasses), so a Linux ``create``
     reaches runc with the fewest imports; anything unexpected answers False and leaves the
@@ -93,24 +96,52 @@ def _plainly_linux(bundle_dir: str) -> bool:
         doc = json.loads(_read_small_regular(config))
         notes = doc.get("annotations") or {}
         if any(key in notes for key in _WASM_ANNOTATIONS):
-            return False
+            return None
         root = doc["root"]["path"]
         rootfs = root if os.path.isabs(root) else os.path.join(bundle_dir, root)
         process = doc["process"]
         args0: str = process["args"][0]
         if "#" in args0:
-            return False
+            return None
         path: str | None = None
         for entry in process.get("env") or ():
             if entry.startswith("PATH="):
                 path = entry[5:]  # the last one wins, as in env_dict
         cwd: str = process.get("cwd") or "/"
         found = _resolve.resolve_entrypoint(Path(config), Path(rootfs), args0, cwd=cwd, path=path)
-        return sniff_path(found).is_linux
+        detected = sniff_path(found)
+        return _Entrypoint(detected, args0, rootfs, str(found)) if detected.is_linux else None
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
-        return False
+        return None
     except WasiDispatchError:
-        return False
+        return None
+
+
+class _Entrypoint:
+    """A Linux entrypoint as found: what `sniff` said, ``args[0]``, the rootfs, the host file."""
+
+    __slots__ = ("args0", "detected", "host_path", "rootfs")
+
+    def __init__(self, detected: Detected, args0: str, rootfs: str, host_path: str) -> None:
+        self.detected = detected
+        self.args0 = args0
+        self.rootfs = rootfs
+        self.host_path = host_path
+
+
+def _refuse_foreign(found: _Entrypoint) -> None:
+    """A Linux entrypoint this node cannot execute (an ELF of another architecture, without a
+    binfmt_misc handler for it) is refused here, naming the architecture: runc would create
+    the container and fail only at ``start`` with "exec format error"."""
+    if found.detected.elf is None:
+        return  # a script: the kernel finds its interpreter, runc reports its errors
+    from wasidispatch._binfmt import foreign_elf_refusal
+
+    refusal = foreign_elf_refusal(
+        found.detected, entrypoint=found.args0, rootfs=found.rootfs, path=found.host_path
+    )
+    if refusal:
+        raise RuntimeFailure(refusal)
 
 
 _FAST_LIMIT = 1 << 20  # what the fast path reads; bigger goes to LeanBundle (its own cap)
@@ -137,7 +168,9 @@ def plan(bundle_dir: str, log: RuntimeLog) -> Plan | None:
     """The `Plan` when the dispatch rule says Wasm; ``None`` hands the bundle to runc (a
     Linux container, or one whose entrypoint the rule cannot decide: runc reports its own
     errors). Raises `SpecError` when config.json itself is unreadable or has a bad field."""
-    if _plainly_linux(bundle_dir):
+    found = _plainly_linux(bundle_dir)
+    if found is not None:
+        _refuse_foreign(found)
         log.debug(f"{bundle_dir}: Linux entrypoint, handing to runc")
         return None
     from wasidispatch.errors import WasiDispatchError
@@ -153,6 +186,16 @@ def plan(bundle_dir: str, log: RuntimeLog) -> Plan | None:
         log.debug(f"{bundle_dir}: not decided as Wasm ({exc}), handing to runc")
         return None
     if decision.kind != "wasm":
+        if decision.detected is not None and decision.entrypoint is not None:
+            args0 = (
+                bundle.spec.process.args[0]
+                if bundle.spec.process and bundle.spec.process.args
+                else ""
+            )
+            entry = _Entrypoint(
+                decision.detected, args0, str(bundle.rootfs), str(decision.entrypoint)
+            )
+            _refuse_foreign(entry)
         return None
     log.debug(f"{bundle_dir}: Wasm container ({decision.reason})")
     return Plan(bundle_dir, bundle, decision)
