@@ -672,7 +672,8 @@ def test_wasm_state_kill_delete_import_no_heavy_modules(
         "import sys, json; from wasidispatch.runc.cli import main; "
         "code = main(sys.argv[1:]); "
         "heavy = sorted(m for m in ('pydantic', 'wasmtime', 'wasidispatch.executor', "
-        "'wasidispatch.oci', 'cffi') if m in sys.modules); "
+        "'wasidispatch.oci', 'cffi', 'typing', 'dataclasses', 'wasidispatch._fs', "
+        "'wasidispatch._binfmt', 'wasidispatch.runc.spec') if m in sys.modules); "
         "print(json.dumps({'code': code, 'heavy': heavy}), file=sys.stderr)"
     )
     base = ["--root", str(runtime.root), "--log", str(runtime.log), "--log-format", "json"]
