@@ -78,6 +78,24 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0].decode(), int(fields[19])
 
 
+def _well_typed(doc: dict[str, Any]) -> bool:
+    """The types `save` writes: a pid to signal and cgroup directories to remove must be
+    exactly that (positive ints, absolute paths), whatever else the file says."""
+    pid, start = doc.get("pid"), doc.get("pid_start")
+    cgroups = doc.get("cgroups", [])
+    notes = doc.get("annotations", {})
+    return (
+        type(pid) is int
+        and pid > 0
+        and type(start) is int
+        and all(isinstance(doc.get(k, ""), str) for k in ("id", "bundle", "rootfs", "created"))
+        and isinstance(cgroups, list)
+        and all(isinstance(c, str) and c.startswith("/") and "\0" not in c for c in cgroups)
+        and isinstance(notes, dict)
+        and all(isinstance(v, str) for v in notes.values())
+    )
+
+
 class WasmState:
     """What ``create`` recorded about a Wasm container (``wasidispatch.json``)."""
 
@@ -189,9 +207,9 @@ class WasmState:
         try:
             doc = json.loads(data)
             state = cls(**doc)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             return None
-        if not isinstance(state.pid, int) or not isinstance(state.pid_start, int):
-            return None
+        if not _well_typed(doc):
+            return None  # not a document `save` wrote: not ours to act on (rmdir, kill)
         state.directory = directory
         return state

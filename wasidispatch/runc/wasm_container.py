@@ -609,7 +609,7 @@ def print_state(inv: Invocation, state: WasmState, log: RuntimeLog) -> int:
 
 
 def _parse_signal(text: str) -> int:
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         number = int(text)
         if 0 < number < signal.NSIG:
             return number
