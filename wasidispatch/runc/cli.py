@@ -2,13 +2,16 @@
 
 ``create`` applies the dispatch rule to the bundle. When it says Wasm, the container is ours
 (`wasidispatch.runc.wasm_container`) and remembered under ``--root``; any other outcome
-(Linux binary, a script, a bundle we cannot read) is runc's business, so the whole command
-line is handed to the real runc by ``exec``: same arguments, same descriptors (stdio, the
-console socket, ``--preserve-fds``), runc's own pid and exit status. Every later subcommand
-naming an id that is not a Wasm container of ours goes to runc the same way.
+(Linux binary, a script, an entrypoint the rule cannot find) is runc's business, so the whole
+command line is handed to the real runc by ``exec``: same arguments, same descriptors (stdio,
+the console socket, ``--preserve-fds``), runc's own pid and exit status. Two refusals come
+first, each one log line and exit status 1 as runc's own errors: a config.json that is not a
+bounded regular file of JSON or has a field of the wrong type or value (`SpecError` naming the
+field), and a Linux entrypoint built for an architecture this node cannot run. Every later
+subcommand naming an id that is not a Wasm container of ours goes to runc the same way.
 
 The real runc is ``$WASIDISPATCH_RUNC`` when set, else the first ``runc`` on ``PATH`` that is
-not this program.
+not this program. Output into a closed pipe ends the process by SIGPIPE, silently, as runc's.
 """
 
 from __future__ import annotations
