@@ -152,3 +152,48 @@ def test_state_load_refuses_a_symlink_or_a_fifo(tmp_path: Path) -> None:
     (tmp_path / "fifo").mkdir()
     os.mkfifo(tmp_path / "fifo" / STATE_NAME)
     assert WasmState.load(str(tmp_path), "fifo") is None
+
+
+@needs_runtime
+@pytest.mark.parametrize("kind", ["symlink", "directory"])
+def test_state_directory_planted_before_create_is_refused(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None, kind: str
+) -> None:
+    """``<root>/<id>`` holds exec.fifo and the state file: create makes it exclusively, so a
+    symlink (or a directory) planted there is refused as runc does, and nothing is written
+    into what it points to."""
+    victim_dir = tmp_path / "victim-dir"
+    victim_dir.mkdir()
+    runtime.root.mkdir(parents=True)
+    if kind == "symlink":
+        (runtime.root / "d1").symlink_to(victim_dir)
+    else:
+        (runtime.root / "d1").mkdir()
+    bundle = wasm_bundle(tmp_path / "b", "hello", [], cgroup_name)
+    assert _create(runtime, bundle, bundle / "pid", "d1", tmp_path) == 1
+    assert runtime.errors() == ["container with id exists: d1"]
+    assert list(victim_dir.iterdir()) == []
+    assert not (bundle / "pid").exists()
+    if kind == "symlink":  # the planted name is the test's, not a container to delete
+        (runtime.root / "d1").unlink()
+    else:
+        (runtime.root / "d1").rmdir()
+
+
+@needs_runtime
+def test_start_does_not_follow_a_symlink_at_exec_fifo(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
+) -> None:
+    """A FIFO planted in place of exec.fifo is never opened by ``start`` (O_NOFOLLOW)."""
+    bundle = wasm_bundle(tmp_path / "b", "loop", [], cgroup_name)
+    pid_file = bundle / "init.pid"
+    assert _create(runtime, bundle, pid_file, "e1", tmp_path) == 0, runtime.errors()
+    pid = int(pid_file.read_bytes())
+    victim = tmp_path / "victim.fifo"
+    os.mkfifo(victim)
+    fifo = runtime.root / "e1" / "exec.fifo"
+    fifo.unlink()
+    fifo.symlink_to(victim)
+    assert runtime("start", "e1").returncode == 1
+    assert runtime("delete", "--force", "e1").returncode == 0
+    assert wait_exit(pid) == 128 + signal.SIGKILL
