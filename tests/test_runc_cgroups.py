@@ -181,3 +181,42 @@ def test_sigterm_while_the_container_process_prepares_removes_everything(
     assert not (rt.root / "cg").exists()
     assert not (bundle / "pid").exists()
     assert _children() <= before
+
+
+@needs_runtime
+def test_nested_cgroups_removed_when_fork_fails(
+    tmp_path: Path, subreaper: None, top: str, wasm_env: None
+) -> None:
+    """``create`` itself runs in a pids cgroup allowing one task: its fork of the container
+    process fails (EAGAIN) after the container's cgroups were made."""
+    jail = CGROUP_ROOT / "pids" / f"{top}-jail"
+    if not (CGROUP_ROOT / "pids" / "cgroup.procs").exists():
+        pytest.skip("no v1 pids hierarchy to confine create in")
+    jail.mkdir()
+    try:
+        (jail / "pids.max").write_text("1")
+        bundle = wasm_bundle(tmp_path / "b", "hello", [], f"/{top}/pod/c")
+        rt = Runtime(tmp_path / "state", tmp_path / "log.json")
+        argv = [str(RUNC_CMD), "--root", str(rt.root), "--log", str(rt.log)]
+        argv += ["--log-format", "json", "create", "--bundle", str(bundle), "cg"]
+        launcher = (
+            "import os, sys; open(sys.argv[1], 'w').write(str(os.getpid())); "
+            "os.execv(sys.argv[2], sys.argv[2:])"
+        )
+        import sys
+
+        proc = subprocess.run(
+            [sys.executable, "-c", launcher, str(jail / "cgroup.procs"), *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            capture_output=False,
+            stderr=subprocess.PIPE,
+            check=False,
+            timeout=60,
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert "Resource temporarily unavailable" in rt.errors()[0]
+        assert _left(top) == []
+        assert not (rt.root / "cg").exists()
+    finally:
+        jail.rmdir()
