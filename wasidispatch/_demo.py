@@ -105,8 +105,6 @@ def build_pod(workdir: Path = DEMO_DIR) -> dict[str, Path]:
 def pod_demo(workdir: Path = DEMO_DIR) -> int:
     """Run the demo pod through one `DispatchExecutor` and print, per bundle, the executor
     chosen, why, the output, the exit code and the wall time. Returns 0 when all exited 0."""
-    import time
-
     from wasidispatch.cache import PrecompileCache
     from wasidispatch.executor import DispatchExecutor, LinuxExecutor, WasmExecutor
     from wasidispatch.oci.bundle import Bundle
@@ -123,11 +121,11 @@ def pod_demo(workdir: Path = DEMO_DIR) -> int:
         for item in decision.evidence:
             print(f"   {item}")
         print("-- output:", flush=True)
-        start = time.perf_counter()
-        code = executor.exec(bundle)
-        wall = (time.perf_counter() - start) * 1000
+        ran = executor.run(bundle)
+        code, wall = ran.exit_code, ran.seconds * 1000
         sys.stdout.flush()
-        print(f"-- exit code {code}, {wall:.1f} ms\n")
+        why = f" ({ran.why})" if ran.why else ""
+        print(f"-- exit code {code}{why}, {wall:.1f} ms\n")
         failed += code != 0
         rows.append((name, decision.executor, str(code), f"{wall:.1f}"))
     print(f"{'bundle':<10} {'executor':<9} {'exit':>4} {'wall ms':>8}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib  # free: typing imports it
 import os
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -52,6 +53,7 @@ __all__ = [
     "BundleLike",
     "Decision",
     "DispatchExecutor",
+    "DispatchRun",
     "Evidence",
     "Executor",
     "LinuxExecutor",
@@ -596,9 +598,11 @@ class LinuxExecutor:
 
     Each ``exec`` runs ``RUNTIME --root STATE run --bundle DIR ID`` with the caller's stdio,
     under a fresh unique id and (unless ``root`` is given) a private state directory, and
-    always finishes with ``RUNTIME delete --force ID`` — also when the caller is interrupted,
-    in which case the container is killed first. The runtime's exit code is returned (the
-    container's own, or 128+n for a signal).
+    always finishes with ``RUNTIME delete --force ID`` — also when the caller is interrupted
+    (Ctrl-C, or SIGTERM / SIGHUP received by this process while it waits for runc, in the main
+    thread), in which case the container is killed first; SIGTERM and SIGHUP are then given
+    their previous disposition (by default this process dies by them, a handler runs).
+    The runtime's exit code is returned (the container's own, or 128+n for a signal).
 
     Example::
 
@@ -694,29 +698,92 @@ class LinuxExecutor:
         else:
             root, private = Path(tempfile.mkdtemp(prefix="wasidispatch-linux-")), True
         base = [binary, "--root", str(root)]
-        try:
-            stdin, stdout, stderr = self._stdio
-            proc = subprocess.Popen(
-                [*base, "run", "--bundle", str(bundle.path), cid],
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
-            )
+        stop = _StopSignals(_STOP_SIGNALS)
+        with stop:
             try:
-                return _wait_exit_code(proc)
-            except BaseException:
-                _run_quietly([*base, "kill", cid, "KILL"])
+                stdin, stdout, stderr = self._stdio
                 try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                raise
-            finally:
-                _run_quietly([*base, "delete", "--force", cid])
-        finally:
-            if private:
-                shutil.rmtree(root, ignore_errors=True)
+                    proc = subprocess.Popen(
+                        [*base, "run", "--bundle", str(bundle.path), cid],
+                        stdin=stdin,
+                        stdout=stdout,
+                        stderr=stderr,
+                    )
+                    try:
+                        stop.armed = True
+                        code = _wait_exit_code(proc)
+                        stop.armed = False
+                        return code
+                    except BaseException:
+                        stop.armed = False  # a second signal must not cut the cleanup short
+                        _run_quietly([*base, "kill", cid, "KILL"])
+                        try:
+                            proc.wait(timeout=10)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
+                            proc.wait()
+                        raise
+                    finally:
+                        _run_quietly([*base, "delete", "--force", cid])
+                finally:
+                    if private:
+                        shutil.rmtree(root, ignore_errors=True)
+            except _Stopped:
+                pass
+        # Stopped by SIGTERM/SIGHUP: the container is gone and leaving the block gave the
+        # signal its original disposition (the default kills this process by it; a Python
+        # handler ran). When that handler returns, so does exec, as a shell would report it.
+        assert stop.signum is not None
+        return 128 + stop.signum
+
+
+#: Signals that stop a Linux container run as Ctrl-C does (SIGINT is KeyboardInterrupt).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stopped(BaseException):
+    """Raised by `_StopSignals`' handler; never escapes `LinuxExecutor.exec`."""
+
+
+class _StopSignals:
+    """For a ``with`` block, each of ``signums`` is recorded in ``signum`` (the first one) and,
+    while ``armed``, raises `_Stopped`; a signal that arrives unarmed is raised again when the
+    block ends (``pending``). The previous handlers are restored on exit. Only in the main
+    thread (the only one Python runs handlers in), and never over an ignored signal (``nohup``
+    keeps SIGHUP ignored)."""
+
+    def __init__(self, signums: Sequence[int]) -> None:
+        self.signums = signums
+        self.armed = False
+        self.signum: int | None = None
+        self._previous: dict[int, signal._HANDLER] = {}
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+            if self.armed:
+                self.armed = False
+                raise _Stopped
+
+    def __enter__(self) -> _StopSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signums:
+                old = signal.getsignal(signum)
+                if old is not signal.SIG_IGN:
+                    self._previous[signum] = old
+                    signal.signal(signum, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, old in self._previous.items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+        self._previous.clear()
+        if self.signum is not None and exc[0] is None:
+            # Arrived while unarmed (before runc started, or during the cleanup): delivered
+            # now, to the original disposition, once the container is gone.
+            signal.raise_signal(self.signum)
 
 
 def _wait_exit_code(proc: subprocess.Popen[bytes]) -> int:
@@ -790,12 +857,66 @@ class DispatchExecutor:
         return self._choose(loaded, layers)[1].exec(loaded, layers=layers)
 
     def run(
-        self, bundle: BundleLike | str | os.PathLike[str], *, layers: Sequence[WasmLayer] = ()
-    ) -> tuple[Decision, int, float]:
-        """Run ``bundle`` and return (decision, exit code, wall seconds) — what the demo and
-        ``wasidispatch run --verbose`` print."""
+        self,
+        bundle: BundleLike | str | os.PathLike[str],
+        *,
+        layers: Sequence[WasmLayer] = (),
+        container_id: str | None = None,
+    ) -> DispatchRun:
+        """Run ``bundle`` and say how it went: the decision, exit code, wall seconds and, when
+        the Wasm executor ran it, the engine's `RunResult` (why a 137 is a 137) — what the demo
+        and ``wasidispatch run`` print. ``container_id`` is the OCI runtime's container id for
+        a Linux bundle (a fresh one by default)."""
         start = time.perf_counter()
         loaded = _load(bundle)
         decision, executor = self._choose(loaded, layers)
-        code = executor.exec(loaded, layers=layers)
-        return decision, code, time.perf_counter() - start
+        result: RunResult | None = None
+        if isinstance(executor, WasmExecutor):
+            result = executor.run(executor.prepare(loaded, layers=layers))
+            code = result.exit_code
+        elif isinstance(executor, LinuxExecutor):
+            code = executor.exec(loaded, layers=layers, container_id=container_id)
+        else:
+            code = executor.exec(loaded, layers=layers)
+        return DispatchRun(decision, code, time.perf_counter() - start, result)
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchRun:
+    """How one `DispatchExecutor.run` went.
+
+    ``result`` is the Wasm engine's `RunResult` (its ``reason`` and ``message`` say why a guest
+    ended with 137: trapped, timed out, out of memory or fuel; or cancelled), None when the
+    bundle ran elsewhere (a Linux container). ``why`` is that in one line, or None for a
+    guest that simply exited.
+    """
+
+    decision: Decision
+    exit_code: int
+    seconds: float
+    result: RunResult | None = None
+
+    @property
+    def why(self) -> str | None:
+        """``"trapped: wasm trap: unreachable"``-style line for a guest that did not just exit
+        (the wording ``wasidispatch-runc`` logs), else None."""
+        from wasidispatch.engines._api import ExitReason
+
+        result = self.result
+        if result is None or result.reason is ExitReason.EXITED:
+            return None
+        message = _one_line(result.message or "")
+        return f"{result.reason.value}: {message}" if message else result.reason.value
+
+
+def _one_line(message: str) -> str:
+    """An engine's message on one line: wasmtime's backtrace frames and ``Caused by:`` are
+    dropped, the causes kept (``error while executing: wasm trap: wasm `unreachable`
+    instruction executed``)."""
+    parts = []
+    for raw in message.splitlines():
+        line = raw.strip()
+        if not line or line == "Caused by:" or line.split(":", 1)[0].isdigit():
+            continue
+        parts.append(line.removesuffix(" at wasm backtrace:").rstrip(":"))
+    return ": ".join(parts)

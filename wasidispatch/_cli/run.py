@@ -45,10 +45,17 @@ def build_executor(args: argparse.Namespace) -> DispatchExecutor:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the bundle; the process exits with the container's exit code."""
+    """Run the bundle; the process exits with the container's exit code.
+
+    A Wasm guest that did not simply exit (trapped, timed out, out of memory or fuel) gets one
+    line on stderr saying so (``wasidispatch: trapped: wasm trap: unreachable``), as
+    ``wasidispatch-runc`` logs it; ``-v`` adds the decision and the exit line. SIGTERM and
+    SIGHUP stop the run (a Linux container is killed and deleted first) and the command exits
+    with 128 + the signal number.
+    """
+    import signal
     import time
 
-    from wasidispatch.executor import LinuxExecutor
     from wasidispatch.oci.bundle import Bundle
 
     start = time.perf_counter()
@@ -57,12 +64,28 @@ def run(args: argparse.Namespace) -> int:
     decision = executor.explain(bundle)
     if args.verbose:
         print(f"wasidispatch: {decision.executor}: {decision.reason}", file=sys.stderr)
-    chosen = next(e for e in executor.executors if e.name == decision.executor)
-    if isinstance(chosen, LinuxExecutor) and args.container_id:
-        code = chosen.exec(bundle, container_id=args.container_id)
-    else:
-        code = chosen.exec(bundle)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)}
+    for signum, old in previous.items():
+        if old is not signal.SIG_IGN:  # nohup: SIGHUP stays ignored
+            signal.signal(signum, _exit_by_signal)
+    try:
+        ran = executor.run(bundle, container_id=args.container_id)
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+    why = ran.why
+    if why is not None:
+        print(f"wasidispatch: {why}", file=sys.stderr)
     if args.verbose:
         elapsed = (time.perf_counter() - start) * 1000
-        print(f"wasidispatch: exit code {code} in {elapsed:.1f} ms", file=sys.stderr)
-    return code
+        reason = f" ({ran.result.reason.value})" if ran.result is not None else ""
+        print(
+            f"wasidispatch: exit code {ran.exit_code}{reason} in {elapsed:.1f} ms", file=sys.stderr
+        )
+    return ran.exit_code
+
+
+def _exit_by_signal(signum: int, frame: object) -> None:
+    """SIGTERM/SIGHUP end ``wasidispatch run`` with 128 + their number (`LinuxExecutor` calls
+    this once its container is gone)."""
+    raise SystemExit(128 + signum)
