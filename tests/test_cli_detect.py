@@ -110,3 +110,21 @@ def test_detect_demo_prints_every_kind(tmp_path: Path, capsys: pytest.CaptureFix
     for kind in ("wasm-component", "wasm-module", "wasm-text", "elf ", "script #!", "unknown: "):
         assert kind in out
     assert (tmp_path / "module.wasm").read_bytes()[:4] == b"\0asm"
+
+
+def test_output_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    """``wasidispatch detect big-list | head -1``: no BrokenPipeError traceback, exit 141."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "f.wasm"
+    target.write_bytes(b"\0asm\x01\0\0\0")
+    cmd = [sys.executable, "-m", "wasidispatch", "detect", *(["f.wasm"] * 20000)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert b"wasm-module" in proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away, as head -1 does
+    assert proc.stderr is not None
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141
+    assert stderr == b""

@@ -83,3 +83,30 @@ def test_bad_bundles_give_one_line_and_exit_1(
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("wasidispatch: error: ")
     assert message in lines[0]
+
+
+@pytest.mark.parametrize("command", ["run", "explain"])
+@pytest.mark.parametrize("hostile", ["missing", "fifo", "dev-zero", "deep", "types"])
+def test_hostile_bundles_are_one_line_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, hostile: str
+) -> None:
+    """config.json missing, a FIFO, a symlink to /dev/zero, deeply nested or of wrong types:
+    one ``wasidispatch: error:`` line naming config.json, exit 1, never a traceback."""
+    import os
+
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    config = bundle / "config.json"
+    if hostile == "fifo":
+        os.mkfifo(config)
+    elif hostile == "dev-zero":
+        config.symlink_to("/dev/zero")
+    elif hostile == "deep":
+        config.write_text("[" * 100_000 + "]" * 100_000)
+    elif hostile == "types":
+        config.write_text('{"ociVersion": 1, "process": "x", "root": 5}')
+    assert main([command, "--engine", "wasmtime", str(bundle)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("wasidispatch: error: ")
+    assert "config.json" in err
+    assert "Traceback" not in err

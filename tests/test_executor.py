@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.guests import build_c, build_wat
 from wasidispatch import engines
@@ -184,10 +186,52 @@ def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "soon", "-1", "0", "nan", "inf"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "soon",
+        "-1",
+        "0",
+        "-0",
+        "nan",
+        "inf",
+        "-inf",
+        "1e308m",
+        "1e-400",
+        "9" * 5000,
+        "1\x00",
+        "\ud800",
+        "1\ud800s",
+    ],
+)
 def test_parse_duration_rejects(text: str) -> None:
-    with pytest.raises(SpecError, match=ANNOTATION_TIMEOUT):
+    with pytest.raises(SpecError, match=ANNOTATION_TIMEOUT) as exc:
         parse_duration(text)
+    assert len(str(exc.value)) < 200  # a 5000-digit value is not echoed whole
+
+
+@pytest.mark.parametrize("value", [None, 5, 2.5, b"1s", ["1"]])
+def test_parse_duration_rejects_non_strings(value: object) -> None:
+    with pytest.raises(SpecError, match=f"{ANNOTATION_TIMEOUT} must be a string"):
+        parse_duration(value)  # type: ignore[arg-type]
+
+
+def test_parse_duration_keeps_a_huge_finite_value() -> None:
+    assert parse_duration("1e308") == 1e308  # documented: engines treat it as no timeout
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40) | st.from_regex(r"\A-?[0-9.e+_-]{0,20}(ms|s|m)?\Z"))
+def test_parse_duration_property(text: str) -> None:
+    """Any text: a finite positive float, or SpecError naming the annotation."""
+    try:
+        seconds = parse_duration(text)
+    except SpecError as exc:
+        assert ANNOTATION_TIMEOUT in str(exc)  # noqa: PT017 - either outcome is checked
+    else:
+        assert isinstance(seconds, float)
+        assert 0 < seconds < float("inf")
 
 
 def test_entry_function_syntax(tmp_path: Path) -> None:

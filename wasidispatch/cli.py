@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the process exit status."""
+    """Run the command line; returns the process exit status (1 with one line on stderr for
+    a `WasiDispatchError`, 130 on Ctrl-C, 141 quietly when stdout is a pipe closed early)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
@@ -52,9 +53,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         status: int = func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        return _broken_pipe()
     except WasiDispatchError as exc:
         print(f"wasidispatch: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return status
+
+
+#: Exit status when stdout's reader went away: 128 + SIGPIPE, what a shell reports for a Unix
+#: tool killed by SIGPIPE (``yes | head -1``), silently.
+EXIT_BROKEN_PIPE = 141
+
+
+def _broken_pipe() -> int:
+    """stdout's reader closed the pipe (``wasidispatch detect ... | head -1``): no traceback,
+    no message; devnull goes over fd 1 so the interpreter's final flush cannot fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE

@@ -335,7 +335,17 @@ def parse_duration(text: str) -> float:
 
         >>> parse_duration("500ms"), parse_duration("2m"), parse_duration("1.5")
         (0.5, 120.0, 1.5)
+
+    Anything else raises `SpecError` naming the annotation: not a string, empty, NUL or lone
+    surrogates, ``inf``, ``nan``, zero, negative, or a value that overflows to infinity
+    (``1e308m``); a huge finite value (``1e308``) is returned as is (engines treat a timeout
+    beyond their clock's range as none).
     """
+    if not isinstance(text, str):
+        raise SpecError(
+            f"annotation {ANNOTATION_TIMEOUT} must be a string, not {type(text).__name__}"
+        )
+    shown = repr(text) if len(text) <= 64 else f"{text[:64]!r}... ({len(text)} characters)"
     value = text.strip().lower()
     scale = 1.0
     for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
@@ -344,10 +354,10 @@ def parse_duration(text: str) -> float:
             break
     try:
         seconds = float(value) * scale
-    except ValueError:
-        raise SpecError(f"annotation {ANNOTATION_TIMEOUT}={text!r} is not a duration") from None
+    except (ValueError, OverflowError):
+        raise SpecError(f"annotation {ANNOTATION_TIMEOUT}={shown} is not a duration") from None
     if not seconds > 0 or seconds != seconds or seconds == float("inf"):
-        raise SpecError(f"annotation {ANNOTATION_TIMEOUT}={text!r} must be a positive duration")
+        raise SpecError(f"annotation {ANNOTATION_TIMEOUT}={shown} must be a positive duration")
     return seconds
 
 
