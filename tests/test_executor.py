@@ -484,3 +484,60 @@ def test_bare_non_wasm_name_without_exec_bit_is_refused(tmp_path: Path) -> None:
     (tmp_path / "b" / "rootfs" / "bin" / "busybox").chmod(0o644)
     with pytest.raises(CantHandle, match="not an executable file"):
         decide(Bundle.load(bundle))
+
+
+def test_run_takes_per_run_stdio_fifos(tmp_path: Path) -> None:
+    """One prepared container, run twice with different FIFO stdio (`Stdio.fd`), the prepared
+    workload unchanged."""
+    import threading
+
+    executor = WasmExecutor("wasmtime-fast")
+    prepared = executor.prepare(wasm_bundle(tmp_path / "cat", build_c("cat")))
+    before = prepared.workload
+    for text in (b"first\n", b"second\n"):
+        fin, fout = tmp_path / f"in{len(text)}", tmp_path / f"out{len(text)}"
+        os.mkfifo(fin)
+        os.mkfifo(fout)
+        got: list[bytes] = []
+
+        def feed(path: Path = fin, data: bytes = text) -> None:
+            with path.open("wb") as fh:
+                fh.write(data)
+
+        def drain(path: Path = fout, sink: list[bytes] = got) -> None:
+            with path.open("rb") as fh:
+                sink.append(fh.read())
+
+        threads = [threading.Thread(target=feed), threading.Thread(target=drain)]
+        for t in threads:
+            t.start()
+        rfd = os.open(fin, os.O_RDONLY)
+        wfd = os.open(fout, os.O_WRONLY)
+        try:
+            result = executor.run(prepared, stdin=Stdio.fd(rfd), stdout=Stdio.fd(wfd))
+        finally:
+            os.close(rfd)
+            os.close(wfd)
+        for t in threads:
+            t.join(timeout=30)
+        assert result.exit_code == 0
+        assert got == [text]
+    assert prepared.workload is before
+
+
+@pytest.mark.parametrize("engine", ["wasmtime-fast", "wasmtime"])
+def test_run_cancelled_from_another_thread(tmp_path: Path, engine: str) -> None:
+    import threading
+
+    from wasidispatch.engines import Cancel
+
+    executor = WasmExecutor(engine)
+    prepared = executor.prepare(wasm_bundle(tmp_path / "loop", build_wat("loop")))
+    cancel = Cancel()
+    timer = threading.Timer(0.3, cancel.cancel, args=(signal.SIGTERM,))
+    timer.start()
+    try:
+        result = executor.run(prepared, cancel=cancel)
+    finally:
+        timer.cancel()
+    assert (result.exit_code, result.reason) == (128 + signal.SIGTERM, ExitReason.CANCELLED)

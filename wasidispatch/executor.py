@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from wasidispatch.detect import Detected, sniff_path
 from wasidispatch.engines._api import (
+    Cancel,
     Engine,
     Limits,
     Preopen,
@@ -584,9 +585,27 @@ class WasmExecutor:
             return replace(planned, workload=workload)
         return planned
 
-    def run(self, prepared: Prepared) -> RunResult:
-        """Run a prepared container to completion."""
-        return prepared.engine.run(prepared.workload)
+    def run(
+        self,
+        prepared: Prepared,
+        *,
+        stdin: Stdio | None = None,
+        stdout: Stdio | None = None,
+        stderr: Stdio | None = None,
+        cancel: Cancel | None = None,
+    ) -> RunResult:
+        """Run a prepared container to completion.
+
+        ``stdin``/``stdout``/``stderr`` replace the executor's streams for this run only (e.g.
+        ``Stdio.fd(n)`` for a shim's FIFOs); ``cancel`` stops the guest when fired from any
+        thread (exit code 128+N, `ExitReason.CANCELLED`). ``prepared`` is not changed.
+        """
+        workload = prepared.workload
+        if stdin is not None or stdout is not None or stderr is not None:
+            workload = workload.with_stdio(stdin=stdin, stdout=stdout, stderr=stderr)
+        if cancel is not None:
+            workload = workload.with_cancel(cancel)
+        return prepared.engine.run(workload)
 
     def exec(self, bundle: BundleLike, *, layers: Sequence[WasmLayer] = ()) -> int:
         """Run ``bundle`` on the selected engine; the guest's exit code (137 on a trap)."""
