@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests._fixtures import BUSYBOX_ARM64
 from wasidispatch import _binfmt
@@ -193,3 +196,54 @@ def test_linux_executor_refuses_before_runc(tmp_path: Path) -> None:
     assert "entrypoint /bin/busybox" in str(exc.value)
     with pytest.raises(CantHandle, match="linux: entrypoint /bin/busybox is an arm64 ELF"):
         DispatchExecutor([WasmExecutor("wasmtime"), executor]).explain(bundle)
+
+
+def _real_headers() -> list[bytes]:
+    from tests.guests import build_c
+
+    paths = [Path("/bin/busybox"), Path(sys.executable), build_c("hello")]
+    if BUSYBOX_ARM64.is_file():
+        paths.append(BUSYBOX_ARM64)
+    return [p.read_bytes()[:512] for p in paths if p.is_file()]
+
+
+_HEADERS = _real_headers()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(_HEADERS),
+    st.lists(st.tuples(st.integers(0, 511), st.integers(0, 255)), max_size=8),
+    st.integers(0, 512),
+    st.sampled_from(["amd64", "arm64", "386", "riscv64", "s390x"]),
+)
+def test_mutated_real_headers_never_raise(
+    header: bytes,
+    flips: list[tuple[int, int]],
+    cut: int,
+    host: str,
+) -> None:
+    """Real ELF and Wasm headers, bytes changed and truncated: `sniff` gives a Detected and the
+    refusal is None or names the ELF's architecture and the host's; never an exception."""
+    data = bytearray(header)
+    for at, value in flips:
+        if at < len(data):
+            data[at] = value
+    mutated = bytes(data[:cut])
+    detected = sniff(mutated)
+    assert detected.format in {
+        "wasm-module", "wasm-component", "wasm", "wasm-text", "elf", "script", "unknown"
+    }  # fmt: skip
+    refusal = foreign_elf_refusal(detected, header=mutated, binfmt_dir="/nonexistent", host=host)
+    if refusal is not None:
+        assert detected.elf is not None
+        assert detected.elf.architecture is not None
+        assert f"{detected.elf.architecture} ELF; this node runs {host} " in refusal
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_binfmt_entry_parser_is_total(text: str) -> None:
+    entry = _binfmt._parse_entry("x", text)
+    if entry is not None:
+        assert entry.matches(b"\x7fELF" + bytes(60)) in (True, False)
