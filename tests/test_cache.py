@@ -22,6 +22,7 @@ import wasmtime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wasidispatch import _fs
 from wasidispatch.cache import (
     CachedArtifact,
     PrecompileCache,
@@ -944,12 +945,10 @@ def test_a_file_planted_at_the_temporary_name_is_never_written(
     victim: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import secrets  # where wasidispatch._fs draws its temporary names
-
     key = _key_of(engine, hello)
     cache = PrecompileCache(cache_dir)
     tokens = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"] * 8)
-    monkeypatch.setattr(secrets, "token_hex", lambda n: next(tokens))
+    monkeypatch.setattr(_fs, "_token", lambda: next(tokens))
     entries, base = cache_dir / "v1" / "entries", cache_dir / "v1"
     planted = [
         entries / f".{key}.art.aaaaaaaaaaaa.tmp",

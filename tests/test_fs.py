@@ -29,7 +29,7 @@ def test_write_atomic_never_uses_a_planted_temporary_name(
     victim = tmp_path / "victim"
     victim.write_text("keep")
     tokens = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
-    monkeypatch.setattr("wasidispatch._fs.secrets.token_hex", lambda n: next(tokens))
+    monkeypatch.setattr(_fs, "_token", lambda: next(tokens))
     (tmp_path / ".pid.aaaaaaaaaaaa.tmp").symlink_to(victim)
     _fs.write_atomic(tmp_path / "pid", b"42")
     assert (tmp_path / "pid").read_bytes() == b"42"

@@ -45,11 +45,11 @@ def predictable_temp_names(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """``_fs``'s temporary names become ``.<name>.t0.tmp``, ``.<name>.t1.tmp``, ..."""
     handed: list[str] = []
 
-    def token_hex(nbytes: int) -> str:
+    def token() -> str:
         handed.append(f"t{len(handed)}")
         return handed[-1]
 
-    monkeypatch.setattr(f"{_fs.__name__}.secrets.token_hex", token_hex)
+    monkeypatch.setattr(_fs, "_token", token)
     return handed
 
 
