@@ -222,3 +222,36 @@ def test_dispatch_run_of_a_linux_bundle_has_no_run_result(tmp_path: Path) -> Non
     )
     ran = executor.run(busybox_bundle(tmp_path / "b", ["sh", "-c", "exit 3"]))
     assert (ran.exit_code, ran.result, ran.why, ran.decision.executor) == (3, None, None, "linux")
+
+
+def test_an_unusable_default_cache_runs_uncached_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # the default cache would live under a regular file: uncreatable
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+    bundle = wasm_bundle(tmp_path / "exit", build_wat("exit42"))
+    assert main(["run", "--engine", "wasmtime", str(bundle)]) == 42
+    err = capsys.readouterr().err
+    assert err.startswith("wasidispatch: warning: running without a cache: "), err
+    assert not (blocker / "cache").exists()
+
+
+def test_a_named_cache_that_cannot_be_used_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    bundle = wasm_bundle(tmp_path / "exit", build_wat("exit42"))
+    assert main(["run", "--cache", str(blocker / "c"), str(bundle)]) == 1
+    assert capsys.readouterr().err.startswith("wasidispatch: error: ")
+
+
+def test_an_error_naming_a_lone_surrogate_is_printed_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "bundle-\udcff")
+    assert main(["explain", missing]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("wasidispatch: error: "), err
+    assert "\\udcff" in err, err

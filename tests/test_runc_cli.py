@@ -508,6 +508,27 @@ def test_wasm_container_lifecycle(
 
 
 @needs_runtime
+def test_wasm_container_runs_uncached_when_the_cache_dir_is_unusable(
+    runtime: Runtime, tmp_path: Path, cgroup_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # the cache directory would live under a regular file
+    monkeypatch.setenv("WASIDISPATCH_CACHE_DIR", str(blocker / "cache"))
+    bundle = wasm_bundle(tmp_path / "b", "hello", [], cgroup_name)
+    out = tmp_path / "out"
+    pid = create(runtime, bundle, "w-nocache", out)
+    assert runtime("start", "w-nocache").returncode == 0
+    assert wait_exit(pid) == 0
+    assert out.read_text() == "hello from wasi\n"
+    records = [json.loads(line) for line in runtime.log.read_text().splitlines() if line]
+    assert any(
+        r["level"] == "warning" and "running without a precompile cache" in r["msg"]
+        for r in records
+    ), records
+    assert runtime("delete", "w-nocache").returncode == 0
+
+
+@needs_runtime
 def test_wasm_exit_code_is_the_guests(
     runtime: Runtime, tmp_path: Path, cgroup_name: str, wasm_env: None
 ) -> None:

@@ -57,11 +57,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _broken_pipe()
     except WasiDispatchError as exc:
-        print(f"wasidispatch: error: {exc}", file=sys.stderr)
+        _say(f"wasidispatch: error: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130
     return status
+
+
+def _say(line: str) -> None:
+    """One line on stderr, whatever it holds: a lone surrogate from a file name or an argument
+    is escaped, never a second error (a strict stderr raises ``UnicodeEncodeError``)."""
+    data = (line + "\n").encode(sys.stderr.encoding or "utf-8", "backslashreplace")
+    sys.stderr.flush()
+    try:
+        sys.stderr.buffer.write(data)
+        sys.stderr.buffer.flush()
+    except AttributeError:  # a text-only stderr (tests, embedders)
+        sys.stderr.write(data.decode(sys.stderr.encoding or "utf-8", "replace"))
 
 
 #: Exit status when stdout's reader went away: 128 + SIGPIPE, what a shell reports for a Unix

@@ -362,13 +362,6 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def _stdin_is_tty() -> bool:
-    try:
-        return os.isatty(0)
-    except OSError:
-        return False
-
-
 def _is_bind(mount_type: str | None, options: Sequence[str]) -> bool:
     return mount_type == "bind" or "bind" in options or "rbind" in options
 
@@ -467,7 +460,7 @@ class WasmExecutor:
     def select_engine(
         self, workload: Workload, bundle: BundleLike
     ) -> tuple[Engine, Workload, tuple[str, ...]]:
-        """The first engine that honours ``workload`` (possibly adapted: see the notes), and
+        """The first engine that honours ``workload`` (with the caveats in the notes), and
         why the earlier ones were passed over."""
         notes: list[str] = []
         for choice in self._candidates(bundle):
@@ -481,13 +474,6 @@ class WasmExecutor:
             caveat = _ENGINE_CAVEATS.get(choice) if isinstance(choice, str) else None
             if verdict:
                 return engine, workload, (*notes, *([caveat] if caveat else []))
-            if workload.stdin.kind == "inherit" and not _stdin_is_tty():
-                # An engine that cannot share fd 0 can still read it to the end first, which
-                # is what a container's piped or /dev/null stdin amounts to.
-                piped = replace(workload, stdin=Stdio.file("/dev/stdin"))
-                if engine.can_handle(piped):
-                    note = f"{label}: stdin is read to EOF before the guest starts"
-                    return engine, piped, (*notes, note, *([caveat] if caveat else []))
             notes.append(f"passed over {label}: {verdict.reason}")
         raise CantHandle("no Wasm engine can run this container: " + "; ".join(notes))
 

@@ -39,7 +39,15 @@ def build_executor(args: argparse.Namespace) -> DispatchExecutor:
     if not getattr(args, "no_cache", True):
         from wasidispatch.cache import PrecompileCache
 
-        cache = PrecompileCache(args.cache) if args.cache else PrecompileCache()
+        if args.cache:
+            cache = PrecompileCache(args.cache)  # asked for by name: its refusal is an error
+        else:
+            from wasidispatch.errors import CacheError
+
+            try:
+                cache = PrecompileCache()
+            except CacheError as exc:  # the cache is an optimisation: run uncached
+                print(f"wasidispatch: warning: running without a cache: {exc}", file=sys.stderr)
     engines = tuple(args.engine) if args.engine else None
     return DispatchExecutor([WasmExecutor(engines, cache=cache), LinuxExecutor(args.runtime)])
 

@@ -482,15 +482,19 @@ def _rlim(value: int) -> int:
     return resource.RLIM_INFINITY if value >= (1 << 63) - 1 else value
 
 
-def _executor() -> WasmExecutor:
+def _executor(log: RuntimeLog) -> WasmExecutor:
     from wasidispatch.executor import WasmExecutor
 
     engines = os.environ.get("WASIDISPATCH_ENGINE")
     cache = None
     if os.environ.get("WASIDISPATCH_CACHE", "on") != "off":
         from wasidispatch.cache import PrecompileCache
+        from wasidispatch.errors import CacheError
 
-        cache = PrecompileCache(os.environ.get("WASIDISPATCH_CACHE_DIR") or None)
+        try:
+            cache = PrecompileCache(os.environ.get("WASIDISPATCH_CACHE_DIR") or None)
+        except CacheError as exc:  # the cache is an optimisation: the container runs uncached
+            log.warning(f"running without a precompile cache: {exc}")
     engine = tuple(e for e in engines.split(",") if e) if engines else None
     return WasmExecutor(engine, cache=cache)
 
@@ -517,7 +521,7 @@ def _container_process(
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
         _close_fds(keep | {ready})
-        executor = _executor()
+        executor = _executor(log)
         prepared = executor.prepare(planned.bundle)  # map, pick the engine, precompile
         cgroups.join(made)
         _apply_process(planned.bundle.spec)
