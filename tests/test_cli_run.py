@@ -255,3 +255,31 @@ def test_an_error_naming_a_lone_surrogate_is_printed_escaped(
     err = capsys.readouterr().err
     assert err.startswith("wasidispatch: error: "), err
     assert "\\udcff" in err, err
+
+
+@pytest.mark.parametrize("engine", ["wasmtime-fast", "wasmtime", "wasmer"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_stops_a_looping_wasm_guest(
+    tmp_path: Path, engine: str, signum: signal.Signals
+) -> None:
+    """The guest loops in native code, where Python runs no signal handler: without the
+    wakeup-fd watcher the command would only end at a timeout (there is none here)."""
+    bundle = wasm_bundle(tmp_path / "loop", build_wat("loop"))
+    cli = Path(sys.executable).with_name("wasidispatch")
+    proc = subprocess.Popen(
+        [str(cli), "run", "-v", "--no-cache", "--engine", engine, str(bundle)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # the decision line: the run is starting
+        assert first.startswith("wasidispatch: wasm:"), first
+        time.sleep(0.5)  # let the guest enter its loop
+        proc.send_signal(signum)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 128 + signum

@@ -877,17 +877,23 @@ class DispatchExecutor:
         *,
         layers: Sequence[WasmLayer] = (),
         container_id: str | None = None,
+        cancel: Cancel | None = None,
     ) -> DispatchRun:
         """Run ``bundle`` and say how it went: the decision, exit code, wall seconds and, when
         the Wasm executor ran it, the engine's `RunResult` (why a 137 is a 137) — what the demo
         and ``wasidispatch run`` print. ``container_id`` is the OCI runtime's container id for
-        a Linux bundle (a fresh one by default)."""
+        a Linux bundle (a fresh one by default). ``cancel`` stops a Wasm guest from another
+        thread (on engines with the ``cancel`` capability; a Linux container is stopped by
+        signalling this process, see `LinuxExecutor.exec`)."""
         start = time.perf_counter()
         loaded = _load(bundle)
         decision, executor = self._choose(loaded, layers)
         result: RunResult | None = None
         if isinstance(executor, WasmExecutor):
-            result = executor.run(executor.prepare(loaded, layers=layers))
+            prepared = executor.prepare(loaded, layers=layers)
+            if cancel is not None and not prepared.engine.capabilities.cancel:
+                cancel = None
+            result = executor.run(prepared, cancel=cancel)
             code = result.exit_code
         elif isinstance(executor, LinuxExecutor):
             code = executor.exec(loaded, layers=layers, container_id=container_id)

@@ -7,6 +7,9 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from wasidispatch.engines import Cancel
     from wasidispatch.executor import DispatchExecutor
 
 
@@ -58,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
     A Wasm guest that did not simply exit (trapped, timed out, out of memory or fuel) gets one
     line on stderr saying so (``wasidispatch: trapped: wasm trap: unreachable``), as
     ``wasidispatch-runc`` logs it; ``-v`` adds the decision and the exit line. SIGTERM and
-    SIGHUP stop the run (a Linux container is killed and deleted first) and the command exits
-    with 128 + the signal number.
+    SIGHUP stop the run (a Linux container is killed and deleted first; a Wasm guest, also
+    SIGINT, is cancelled at once, even in a loop) and the command exits with 128 + the signal
+    number.
     """
     import signal
     import time
@@ -72,13 +76,31 @@ def run(args: argparse.Namespace) -> int:
     decision = executor.explain(bundle)
     if args.verbose:
         print(f"wasidispatch: {decision.executor}: {decision.reason}", file=sys.stderr)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)}
+    from wasidispatch.engines import Cancel
+
+    # A Linux container: SIGTERM/SIGHUP end the command once `LinuxExecutor` has killed and
+    # deleted the container (Ctrl-C stays a KeyboardInterrupt, which it handles too). A Wasm
+    # guest: the signal only fires a `Cancel` (also while the guest runs in native code), the
+    # run ends as cancelled and the command exits 128+N; nothing is raised in the middle of
+    # an engine's call (an SDK interrupted there can crash the interpreter at exit).
+    wasm = decision.executor == "wasm"
+    received: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    watched = [signal.SIGHUP, signal.SIGTERM, *([signal.SIGINT] if wasm else [])]
+    previous = {s: signal.getsignal(s) for s in watched}
     for signum, old in previous.items():
         if old is not signal.SIG_IGN:  # nohup: SIGHUP stays ignored
-            signal.signal(signum, _exit_by_signal)
+            signal.signal(signum, record if wasm else _exit_by_signal)
+    cancel = Cancel() if wasm else None
+    unwatch = _cancel_on_signals(cancel) if cancel is not None else None
     try:
-        ran = executor.run(bundle, container_id=args.container_id)
+        ran = executor.run(bundle, container_id=args.container_id, cancel=cancel)
     finally:
+        if unwatch is not None:
+            unwatch()
         for signum, old in previous.items():
             signal.signal(signum, old if old is not None else signal.SIG_DFL)
     why = ran.why
@@ -90,7 +112,44 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"wasidispatch: exit code {ran.exit_code}{reason} in {elapsed:.1f} ms", file=sys.stderr
         )
-    return ran.exit_code
+    return 128 + received[0] if received else ran.exit_code
+
+
+def _cancel_on_signals(cancel: Cancel) -> Callable[[], None]:
+    """Fire ``cancel`` as soon as SIGTERM, SIGHUP or SIGINT arrives, also while the guest runs
+    in native code (where Python runs no signal handler until the engine returns: a looping
+    guest would ignore them). The C-level handler writes the signal number to the wakeup fd
+    at once; a watcher thread reads it and cancels. Returns the function that undoes it."""
+    import os
+    import signal
+    import threading
+
+    wanted = {int(signal.SIGTERM), int(signal.SIGHUP), int(signal.SIGINT)}
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(w, False)
+    try:
+        old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: signals are not ours to watch
+        os.close(r)
+        os.close(w)
+        return lambda: None
+
+    def watch() -> None:
+        while data := os.read(r, 64):
+            for signum in data:
+                if signum in wanted:
+                    cancel.cancel(signum)
+
+    watcher = threading.Thread(target=watch, name="wasidispatch-signals", daemon=True)
+    watcher.start()
+
+    def unwatch() -> None:
+        signal.set_wakeup_fd(old_fd)
+        os.close(w)  # the watcher reads EOF and ends
+        watcher.join()
+        os.close(r)
+
+    return unwatch
 
 
 def _exit_by_signal(signum: int, frame: object) -> None:
