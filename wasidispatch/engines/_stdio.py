@@ -30,7 +30,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from wasidispatch.engines._api import Cancel, Stdio
+from wasidispatch.engines._api import (
+    TRAP_EXIT_CODE,
+    Cancel,
+    ExitReason,
+    Stdio,
+    cancelled_result,
+)
 from wasidispatch.errors import EngineError
 
 __all__ = ["CHUNK", "Plumbing", "RunControl", "needs_plumbing", "write_all"]
@@ -65,6 +71,17 @@ class RunControl:
     def cancelled(self) -> bool:
         """Whether the run's `Cancel` fired."""
         return self.cancel is not None and self.cancel.cancelled
+
+    def outcome(
+        self, exit_code: int, reason: ExitReason, message: str | None, timeout: float | None
+    ) -> tuple[int, ExitReason, str | None]:
+        """The run's ``(exit_code, reason, message)``: the engine's own, unless the `Cancel`
+        fired (128+N, cancelled) or the plumbing stopped at the deadline (137, timed out)."""
+        if self.cancel is not None and self.cancel.cancelled:
+            return cancelled_result(self.cancel)
+        if self.expired:
+            return TRAP_EXIT_CODE, ExitReason.TIMED_OUT, f"timed out after {timeout}s"
+        return exit_code, reason, message
 
     def stopped(self) -> bool:
         """Whether the run must stop now: cancelled, or past its deadline (``expired``)."""

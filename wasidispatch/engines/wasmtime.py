@@ -58,7 +58,6 @@ import wasmtime
 import wasmtime.component as wtc
 
 from wasidispatch.engines._api import (
-    TRAP_EXIT_CODE,
     Cancel,
     Capabilities,
     ExitReason,
@@ -347,12 +346,7 @@ class WasmtimeEngine:
                 plumbing.finish()
         exit_code, reason, message, t_inst, t_run = result
         if control is not None:
-            if control.cancelled:
-                assert cancel is not None
-                exit_code, reason, message = cancelled_result(cancel)
-            elif control.expired:
-                exit_code, reason = TRAP_EXIT_CODE, ExitReason.TIMED_OUT
-                message = f"timed out after {lim.timeout}s"
+            exit_code, reason, message = control.outcome(exit_code, reason, message, lim.timeout)
         return RunResult(
             exit_code=exit_code,
             reason=reason,

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from wasidispatch.engines._api import (
-    TRAP_EXIT_CODE,
     Cancel,
     ExitReason,
     Limits,
@@ -651,12 +650,7 @@ class PreparedModule:
                 control.close()
         exit_code, reason, message = outcome or (0, ExitReason.EXITED, None)
         if control is not None:
-            if control.cancelled:
-                assert cancel is not None
-                exit_code, reason, message = cancelled_result(cancel)
-            elif control.expired:
-                exit_code, reason = TRAP_EXIT_CODE, ExitReason.TIMED_OUT
-                message = f"timed out after {timeout}s"
+            exit_code, reason, message = control.outcome(exit_code, reason, message, timeout)
         read_out = captured.get("stdout")
         read_err = captured.get("stderr")
         return RunResult(
