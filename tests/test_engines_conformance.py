@@ -855,3 +855,22 @@ def test_limits_at_the_extremes_are_typed_errors_or_clamps(
         assert result.reason in (ExitReason.OUT_OF_MEMORY, ExitReason.OUT_OF_FUEL), result
     else:
         assert result.ok, result  # a clamp: so large a limit is no limit at all
+
+
+def test_a_failing_cancel_callback_neither_skips_others_nor_raises(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from wasidispatch.engines import Cancel
+
+    seen: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("loop is closed")
+
+    cancel = Cancel()
+    cancel.subscribe(broken)
+    cancel.subscribe(lambda: seen.append("second"))
+    cancel.cancel(15)  # must not raise
+    assert seen == ["second"]
+    assert cancel.signum == 15
+    assert "a Cancel callback failed" in caplog.text

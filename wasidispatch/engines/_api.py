@@ -137,7 +137,14 @@ class Cancel:
             self._signum = int(signum)
             callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
-            callback()
+            # One engine's failing wake-up (e.g. a loop already closed) must neither skip
+            # the others nor reach the cancelling thread (a signal watcher, a shim's Kill).
+            try:
+                callback()
+            except Exception:
+                import logging
+
+                logging.getLogger("wasidispatch.engines").exception("a Cancel callback failed")
 
     @property
     def cancelled(self) -> bool:

@@ -63,6 +63,8 @@ class RunControl:
         )
         self.cancel = cancel
         self.expired = False
+        #: set by `end`: the guest is gone, stdin readers stop (outputs are still delivered)
+        self.ended = False
         self._wake: tuple[int, int] | None = None
         self._unsubscribe: object = None
         self._lock = threading.Lock()
@@ -119,6 +121,12 @@ class RunControl:
             if self._wake is not None:
                 with contextlib.suppress(OSError):
                     os.write(self._wake[1], b"x")
+
+    def end(self) -> None:
+        """The guest is gone: a `read_chunk` in any thread returns ``None`` now, so nothing
+        more is read from the caller's stdin after the run."""
+        self.ended = True
+        self.wake()
 
     def close(self) -> None:
         """Release the wake-up pipe and the subscription (idempotent)."""
@@ -178,6 +186,7 @@ def write_all(fd: int, data: bytes | memoryview, control: RunControl) -> bool:
                 poller.register(wake, select.POLLIN)
             ready = dict(poller.poll(control.poll_ms()))
             if fd not in ready:
+                _idle(ready, wake)
                 continue
             if ready[fd] & (select.POLLERR | select.POLLNVAL):
                 return False
@@ -196,13 +205,14 @@ def read_chunk(fd: int, control: RunControl) -> bytes | None:
     ``None`` when the run stopped first (deadline or cancel)."""
     wake = control.wake_fd()
     while True:
-        if control.stopped():
+        if control.ended or control.stopped():
             return None
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(wake, select.POLLIN)
         ready = dict(poller.poll(control.poll_ms()))
         if fd not in ready:
+            _idle(ready, wake)
             continue
         try:
             return os.read(fd, CHUNK)
@@ -212,6 +222,14 @@ def read_chunk(fd: int, control: RunControl) -> bytes | None:
             if exc.errno in (errno.ECONNRESET, errno.EIO):
                 return b""
             raise
+
+
+def _idle(ready: dict[int, int], wake: int | None) -> None:
+    """After a poll that found only the wake-up pipe readable: it stays readable (the pump
+    drains it, other waiters must not steal its byte), so pause briefly instead of spinning
+    until the descriptor is ready or the run stops."""
+    if wake is not None and wake in ready:
+        time.sleep(_RETRY)
 
 
 def open_input(stdio: Stdio, stream: str) -> tuple[int, bool]:
@@ -241,8 +259,9 @@ def open_output(stdio: Stdio, stream: str, control: RunControl) -> int | None:
         if control.stopped():
             return None
         poller = select.poll()
-        poller.register(control.wake_fd(), select.POLLIN)
-        poller.poll(control.poll_ms(_RETRY))
+        wake = control.wake_fd()
+        poller.register(wake, select.POLLIN)
+        _idle(dict(poller.poll(control.poll_ms(_RETRY))), wake)
 
 
 @dataclass

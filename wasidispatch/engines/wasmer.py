@@ -1044,7 +1044,7 @@ async def _spawn_and_wait(
         if unsubscribe is not None:
             unsubscribe()
         feeder.cancel()
-        control.wake()  # a stdin read waiting on a FIFO returns now
+        control.end()  # a stdin read waiting on a FIFO returns now, and reads no more
         # The SDK ends the output streams when the guest exits or traps, but never after a
         # kill or a timeout: then only what is already buffered is taken.
         ended = output is None or output.reason is wasmer_sdk.ExitReason.EXITED
