@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -76,33 +76,44 @@ def run(args: argparse.Namespace) -> int:
     decision = executor.explain(bundle)
     if args.verbose:
         print(f"wasidispatch: {decision.executor}: {decision.reason}", file=sys.stderr)
-    from wasidispatch.engines import Cancel
-
     # A Linux container: SIGTERM/SIGHUP end the command once `LinuxExecutor` has killed and
     # deleted the container (Ctrl-C stays a KeyboardInterrupt, which it handles too). A Wasm
-    # guest: the signal only fires a `Cancel` (also while the guest runs in native code), the
-    # run ends as cancelled and the command exits 128+N; nothing is raised in the middle of
-    # an engine's call (an SDK interrupted there can crash the interpreter at exit).
-    wasm = decision.executor == "wasm"
+    # guest on an engine that can be cancelled: the signal only fires a `Cancel` (also while
+    # the guest runs in native code), the run ends as cancelled and the command exits 128+N;
+    # nothing is raised in the middle of an engine's call (an SDK interrupted there can crash
+    # the interpreter at exit). Signals are the main thread's: elsewhere, nothing is changed.
+    import threading
+
+    from wasidispatch.engines import Cancel
+    from wasidispatch.executor import WasmExecutor
+
+    cancel: Cancel | None = None
+    if decision.executor == "wasm":
+        wasm = next(e for e in executor.executors if isinstance(e, WasmExecutor))
+        if wasm.plan(bundle).engine.capabilities.cancel:  # memoized: no second decision
+            cancel = Cancel()
     received: list[int] = []
 
     def record(signum: int, frame: object) -> None:
         received.append(signum)
 
-    watched = [signal.SIGHUP, signal.SIGTERM, *([signal.SIGINT] if wasm else [])]
-    previous = {s: signal.getsignal(s) for s in watched}
-    for signum, old in previous.items():
-        if old is not signal.SIG_IGN:  # nohup: SIGHUP stays ignored
-            signal.signal(signum, record if wasm else _exit_by_signal)
-    cancel = Cancel() if wasm else None
-    unwatch = _cancel_on_signals(cancel) if cancel is not None else None
+    previous: dict[int, Any] = {}
+    unwatch = None
+    if threading.current_thread() is threading.main_thread():
+        watched = [signal.SIGHUP, signal.SIGTERM, *([signal.SIGINT] if cancel is not None else [])]
+        if cancel is not None:
+            unwatch = _cancel_on_signals(cancel)  # before the handlers: no signal is missed
+        for signum in watched:
+            previous[signum] = old = signal.getsignal(signum)
+            if old is not signal.SIG_IGN:  # nohup: SIGHUP stays ignored
+                signal.signal(signum, record if cancel is not None else _exit_by_signal)
     try:
         ran = executor.run(bundle, container_id=args.container_id, cancel=cancel)
     finally:
         if unwatch is not None:
             unwatch()
-        for signum, old in previous.items():
-            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+        for watched_signal, handler in previous.items():
+            signal.signal(watched_signal, handler if handler is not None else signal.SIG_DFL)
     why = ran.why
     if why is not None:
         print(f"wasidispatch: {why}", file=sys.stderr)
@@ -127,12 +138,7 @@ def _cancel_on_signals(cancel: Cancel) -> Callable[[], None]:
     wanted = {int(signal.SIGTERM), int(signal.SIGHUP), int(signal.SIGINT)}
     r, w = os.pipe2(os.O_CLOEXEC)
     os.set_blocking(w, False)
-    try:
-        old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    except ValueError:  # not the main thread: signals are not ours to watch
-        os.close(r)
-        os.close(w)
-        return lambda: None
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)  # main thread only
 
     def watch() -> None:
         while data := os.read(r, 64):
