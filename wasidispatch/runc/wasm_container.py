@@ -303,6 +303,7 @@ def create(inv: Invocation, planned: Plan, log: RuntimeLog) -> int:
     os.makedirs(inv.root, mode=0o711, exist_ok=True)
     directory = container_dir(inv.root, cid)
     undo = _Undo()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # the caller's, restored at the end
     previous = {sig: signal.signal(sig, _interrupted) for sig in _STOP_SIGNALS}
     try:
         try:
@@ -329,11 +330,17 @@ def create(inv: Invocation, planned: Plan, log: RuntimeLog) -> int:
             if pid_file:
                 _write_pid_file(pid_file, undo.pid)
         except BaseException:
+            # A second signal must not cut the rollback short (it would leave cgroups and the
+            # state dir behind, and the next create would fail with "container with id exists").
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
             undo.rollback(directory)
             raise
+        # Done: a signal from here on must not turn a recorded container into a failure.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return 0
 
 
@@ -401,13 +408,13 @@ def _spawn(
     sys.stderr.flush()
     # No stop signal between the fork and the child's own dispositions: the child must never
     # run create's rollback, and the parent must know the pid before it can be interrupted.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the container process
             for sig in _STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(ready_r)
             _container_process(planned, inv, fifo, ready_w, keep, leaves, slave, log)
         undo.pid = pid
@@ -418,7 +425,7 @@ def _spawn(
             os.close(slave)
         raise
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(ready_w)
     if slave is not None:
         os.close(slave)
