@@ -600,8 +600,14 @@ def _make_private_dir(path: Path) -> None:
             continue  # another process won the race; checked by the caller
         except OSError as exc:
             raise CacheError(f"cannot create cache directory {d}: {exc}") from exc
+        # mkdir's mode is filtered by the umask. fchmod through an O_NOFOLLOW descriptor: a
+        # symlink swapped in at the new name meanwhile is refused (ELOOP), never followed.
         try:
-            os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise CacheError(f"cannot make cache directory {d} private: {exc}") from exc
 
