@@ -32,7 +32,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from stat import S_ISREG
 
 from wasidispatch.runc import cgroups
 from wasidispatch.runc.args import Invocation
@@ -87,13 +86,14 @@ def _plainly_linux(bundle_dir: str) -> _Entrypoint | None:
     """
     from pathlib import Path
 
-    from wasidispatch import _resolve
+    from wasidispatch import _fs, _resolve
     from wasidispatch.detect import sniff_path
     from wasidispatch.errors import WasiDispatchError
 
     config = os.path.join(bundle_dir, "config.json")
     try:
-        doc = json.loads(_read_small_regular(config))
+        # never blocking on a FIFO, a regular file under the cap (else LeanBundle says why)
+        doc = json.loads(_fs.read_regular(config, limit=_fs.CONFIG_LIMIT, what="config.json"))
         notes = doc.get("annotations") or {}
         if any(key in notes for key in _WASM_ANNOTATIONS):
             return None
@@ -142,26 +142,6 @@ def _refuse_foreign(found: _Entrypoint) -> None:
     )
     if refusal:
         raise RuntimeFailure(refusal)
-
-
-_FAST_LIMIT = 1 << 20  # what the fast path reads; bigger goes to LeanBundle (its own cap)
-
-
-def _read_small_regular(path: str) -> bytes:
-    """config.json for the fast path: never blocking (a FIFO), only a regular file of at most
-    `_FAST_LIMIT` bytes, else `OSError`: LeanBundle (`wasidispatch._fs.read_regular`, too
-    costly to import here) then says precisely what is wrong."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not S_ISREG(st.st_mode) or st.st_size > _FAST_LIMIT:
-            raise OSError(f"{path}: not a small regular file")
-        data = os.read(fd, _FAST_LIMIT + 1)
-    finally:
-        os.close(fd)
-    if len(data) > _FAST_LIMIT:
-        raise OSError(f"{path}: not a small regular file")
-    return data
 
 
 def plan(bundle_dir: str, log: RuntimeLog) -> Plan | None:
