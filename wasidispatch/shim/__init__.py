@@ -1,0 +1,1 @@
+"""The engine-agnostic containerd shim toolkit."""

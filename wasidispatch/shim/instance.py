@@ -1,0 +1,136 @@
+"""What a shim's containers are: the `Instance` and `Process` protocols the Task service drives.
+
+The Task service (`wasidispatch.shim.task`) owns everything containerd sees: the task state
+machine, events, the rootfs mount, the fan-out of ``Wait``. An instance only does the work for
+one container: the factory creates it (the container exists, blocked before its entrypoint),
+``start`` runs it, ``kill`` signals it, ``wait`` returns its `Exit`, ``delete`` frees it. A
+Linux instance adds ``exec`` processes, pause/resume, pids, stats and update; an instance that
+cannot do one of those raises `wasidispatch.errors.UnimplementedError` with a clear message.
+
+A minimal custom shim implements `Instance` for its containers and hands a `Factory` to
+`wasidispatch.shim.run_shim` (see ``docs/shim.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from wasidispatch.shim.reaper import Exit
+
+if TYPE_CHECKING:
+    from google.protobuf.any_pb2 import Any as AnyMessage
+
+__all__ = ["CreateRequest", "Exit", "Factory", "Instance", "Mount", "Process", "Stdio"]
+
+
+@dataclass(frozen=True)
+class Stdio:
+    """A process's stdio as containerd names it: FIFO paths (``""``: none) and whether it
+    has a terminal (then ``stdout`` carries the terminal's output and ``stderr`` is unused).
+
+    >>> Stdio("", "/run/fifo/c1-stdout", "/run/fifo/c1-stderr").stdin
+    ''
+    """
+
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One rootfs mount of a Create request (containerd's ``types.Mount``)."""
+
+    type: str
+    source: str
+    target: str = ""
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """What the Task service hands the `Factory` for a Create: the container ``id``, its
+    ``bundle`` directory (``config.json``; ``rootfs/`` already mounted from ``rootfs``), the
+    containerd ``namespace``, its `Stdio`, the runtime ``options`` (the request's ``Any``, or
+    ``None``) and ``spec``, the parsed ``config.json`` object."""
+
+    id: str
+    bundle: str
+    namespace: str
+    stdio: Stdio
+    spec: Mapping[str, object]
+    rootfs: tuple[Mount, ...] = ()
+    options: AnyMessage | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Process(Protocol):
+    """A process the service manages: a container's init (an `Instance`) or an exec."""
+
+    @property
+    def pid(self) -> int:
+        """Its host pid (0 when it has none)."""
+        ...
+
+    def start(self) -> int:
+        """Run it; returns its pid."""
+        ...
+
+    def kill(self, signal: int, all: bool = False) -> None:
+        """Deliver ``signal`` (``all``: to every process of the container). A process that
+        has exited raises `wasidispatch.errors.NotFoundError`."""
+        ...
+
+    def wait(self) -> Exit:
+        """Block until it has exited; any number of threads may call it."""
+        ...
+
+    def delete(self) -> None:
+        """Free everything it holds; kill and reap it first if it still runs."""
+        ...
+
+    def resize_pty(self, width: int, height: int) -> None:
+        """Set its terminal's window size."""
+        ...
+
+    def close_stdin(self) -> None:
+        """Close its stdin (the client finished writing)."""
+        ...
+
+
+@runtime_checkable
+class Instance(Process, Protocol):
+    """A container, as its init process plus what containers add."""
+
+    def pids(self) -> list[int]:
+        """Every pid in the container."""
+        ...
+
+    def pause(self) -> None:
+        """Freeze every process of the container."""
+        ...
+
+    def resume(self) -> None:
+        """Thaw it."""
+        ...
+
+    def stats(self) -> AnyMessage:
+        """Its metrics (cgroups ``Metrics`` in a ``google.protobuf.Any``)."""
+        ...
+
+    def update(self, resources: AnyMessage) -> None:
+        """Apply new resources (runtime-spec ``LinuxResources`` JSON in an ``Any``)."""
+        ...
+
+    def exec(self, exec_id: str, process: Mapping[str, object], stdio: Stdio) -> Process:
+        """Create (not start) another process in the container from a runtime-spec
+        ``process`` object."""
+        ...
+
+
+Factory = Callable[[CreateRequest], Instance]
+"""Creates a container's `Instance` for a Create (it leaves nothing behind when it raises)."""
