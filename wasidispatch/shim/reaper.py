@@ -214,10 +214,9 @@ class Reaper:
         self._watched.add(pid)
         if pid in self._pidfds or pid in self._exits:
             return
-        try:
+        # already reaped by us (then recorded) or gone: the loop settles it
+        with contextlib.suppress(OSError):
             self._pidfds[pid] = os.pidfd_open(pid)
-        except OSError:  # already reaped by us (then recorded) or gone: the loop settles it
-            pass
 
     # -------------------------------------------------------------------------------- wait
 
@@ -333,13 +332,11 @@ class Reaper:
             poller = select.poll()
             for fd in fds:
                 poller.register(fd, select.POLLIN)
-            try:
+            with contextlib.suppress(InterruptedError):
                 poller.poll(1000)
-            except InterruptedError:
-                pass
-            for fd in (self._wake_r, self._sig_r):
-                if fd is not None:
-                    _drain(fd)
+            _drain(self._wake_r)
+            if self._sig_r is not None:
+                _drain(self._sig_r)
             self._reap()
 
     def _reap(self) -> None:
