@@ -252,9 +252,7 @@ class TaskService:
 
     def _create(self, req: shim_pb2.CreateTaskRequest, task_id: str, bundle: str) -> _Task:
         spec = _load_spec(bundle, task_id)
-        mounts = tuple(
-            Mount(m.type, m.source, m.target, tuple(m.options)) for m in req.rootfs
-        )
+        mounts = tuple(Mount(m.type, m.source, m.target, tuple(m.options)) for m in req.rootfs)
         rootfs = os.path.join(bundle, "rootfs")
         mounted = False
         if mounts:
@@ -469,7 +467,9 @@ class TaskService:
         with self._lock:
             task = self._task(req.id)
             if task.init.state != "running":
-                raise FailedPreconditionError(f"cannot pause task {task.id}: it is {task.init.state}")
+                raise FailedPreconditionError(
+                    f"cannot pause task {task.id}: it is {task.init.state}"
+                )
             task.init.state = "pausing"
         try:
             task.instance.pause()

@@ -77,8 +77,13 @@ class WasiDispatchShim:
             from wasidispatch.wasmshim.linux import create_linux
 
             instance = create_linux(request, runc_root=runc["root"], runc_binary=runc["binary"])
-        record = {"kind": kind, "pid": instance.pid, "runc_root": runc["root"],
-                  "runc_binary": runc["binary"], "id": request.id}
+        record = {
+            "kind": kind,
+            "pid": instance.pid,
+            "runc_root": runc["root"],
+            "runc_binary": runc["binary"],
+            "id": request.id,
+        }
         with contextlib.suppress(OSError):
             _fs.write_atomic(
                 os.path.join(request.bundle, RECORD), json.dumps(record).encode(), mode=0o600
