@@ -53,7 +53,17 @@ if TYPE_CHECKING:
     from wasidispatch.shim.instance import Factory
     from wasidispatch.shim.task import EventSink
 
-__all__ = ["GROUP_ANNOTATIONS", "SOCKET_DIR", "Options", "Shim", "parse_args", "run_shim"]
+__all__ = [
+    "GROUP_ANNOTATIONS",
+    "SOCKET_DIR",
+    "BaseShim",
+    "Options",
+    "Shim",
+    "UsageError",
+    "parse_args",
+    "run_shim",
+    "socket_path",
+]
 
 SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATIONS = ("io.kubernetes.cri.sandbox-id",)
@@ -87,6 +97,26 @@ class Shim(Protocol):
     def close(self) -> None:
         """The daemon is exiting (every task is deleted already)."""
         ...
+
+
+class BaseShim:
+    """A `Shim` with nothing to prepare, clean up or close: subclass it, set ``name`` and
+    write ``factory``."""
+
+    name = "base"
+
+    def prepare(self, options: Options) -> None:
+        """Nothing to fork."""
+
+    def factory(self, options: Options) -> Factory:
+        """Subclasses return their `Factory`."""
+        raise NotImplementedError
+
+    def cleanup(self, options: Options, bundle: str) -> None:
+        """Nothing outlives the daemon."""
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 @dataclass(frozen=True)

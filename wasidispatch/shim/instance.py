@@ -17,12 +17,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from wasidispatch.errors import UnimplementedError
 from wasidispatch.shim.reaper import Exit
 
 if TYPE_CHECKING:
     from google.protobuf.any_pb2 import Any as AnyMessage
 
-__all__ = ["CreateRequest", "Exit", "Factory", "Instance", "Mount", "Process", "Stdio"]
+__all__ = [
+    "BaseInstance",
+    "CreateRequest",
+    "Exit",
+    "Factory",
+    "Instance",
+    "Mount",
+    "Process",
+    "Stdio",
+]
 
 
 @dataclass(frozen=True)
@@ -134,3 +144,48 @@ class Instance(Process, Protocol):
 
 Factory = Callable[[CreateRequest], Instance]
 """Creates a container's `Instance` for a Create (it leaves nothing behind when it raises)."""
+
+
+class BaseInstance:
+    """Defaults for what a minimal `Instance` does not do: subclass it and write ``pid``,
+    ``start``, ``kill``, ``wait`` and ``delete`` (runwasi's ``Instance`` trait has the same
+    five). ``pids`` is the one pid; pause, resume, stats, update, exec and the terminal
+    methods raise `UnimplementedError` (code 12, which containerd shows as "not
+    implemented"); ``close_stdin`` does nothing.
+    """
+
+    @property
+    def pid(self) -> int:
+        """Its host pid (0 before `start`)."""
+        return 0
+
+    def pids(self) -> list[int]:
+        """The one process."""
+        return [self.pid] if self.pid else []
+
+    def pause(self) -> None:
+        """Not supported."""
+        raise UnimplementedError(f"{type(self).__name__}: pause is not supported")
+
+    def resume(self) -> None:
+        """Not supported."""
+        raise UnimplementedError(f"{type(self).__name__}: resume is not supported")
+
+    def stats(self) -> AnyMessage:
+        """Not supported."""
+        raise UnimplementedError(f"{type(self).__name__}: stats are not supported")
+
+    def update(self, resources: AnyMessage) -> None:
+        """Not supported."""
+        raise UnimplementedError(f"{type(self).__name__}: update is not supported")
+
+    def exec(self, exec_id: str, process: Mapping[str, object], stdio: Stdio) -> Process:
+        """Not supported."""
+        raise UnimplementedError(f"{type(self).__name__}: exec is not supported")
+
+    def resize_pty(self, width: int, height: int) -> None:
+        """Not supported."""
+        raise UnimplementedError(f"{type(self).__name__}: no terminal")
+
+    def close_stdin(self) -> None:
+        """Nothing to close."""
