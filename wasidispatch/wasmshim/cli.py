@@ -133,6 +133,14 @@ def _kind(request: CreateRequest) -> tuple[str, str]:
 
     bundle = LeanBundle.load(request.bundle)
     decision = decide(bundle)
+    if decision.kind != "wasm" and decision.detected is not None:
+        from wasidispatch._binfmt import foreign_elf_refusal
+
+        refusal = foreign_elf_refusal(decision.detected)
+        if refusal is not None:  # runc would only say "exec format error"
+            from wasidispatch.errors import CantHandle
+
+            raise CantHandle(refusal)
     return ("wasm" if decision.kind == "wasm" else "linux"), decision.reason
 
 
@@ -158,10 +166,25 @@ def _runc_options(request: CreateRequest, options: Options) -> dict[str, str]:
 
 
 def _kill_if_ours(pid: int, bundle: str) -> None:
-    """SIGKILL ``pid`` when it still is the container's process (its cwd or cmdline does not
-    tell; its cgroup does: the container's cgroup path)."""
-    with contextlib.suppress(OSError):
-        os.kill(pid, signal.SIGKILL)
+    """SIGKILL ``pid`` when it still is the container's process: the pid may have been
+    reused since the shim died, so it must sit in the container's own cgroup (a Wasm
+    container without a cgroup path is left alone: nothing proves the pid is still it)."""
+    from wasidispatch.runc import cgroups
+    from wasidispatch.runc.spec import LeanBundle
+
+    try:
+        spec = LeanBundle.load(bundle).spec
+        path = cgroups.resolve(spec.linux.cgroups_path if spec.linux else None)
+        with open(f"/proc/{pid}/cgroup") as fh:
+            lines = fh.read().splitlines()
+    except Exception:
+        return
+    if path is None:
+        return
+    wanted = "/" + path.strip("/")
+    if any(line.split(":", 2)[-1] == wanted for line in lines):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _remove_cgroups(bundle: str) -> None:
