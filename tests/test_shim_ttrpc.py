@@ -481,8 +481,18 @@ def test_cancelled_context_when_connection_goes(served: tuple[Server, str]) -> N
     sock.sendall(frame(1, req.SerializeToString()))
     assert seen.wait(60)
     sock.close()
-    # the handler ends only because its context was cancelled; shutdown waits for it
     assert server.shutdown(timeout=60)
+
+
+def test_shutdown_does_not_wait_for_abandoned_calls(
+    served: tuple[Server, str], service: Service
+) -> None:
+    sock = raw_connect(served[1])
+    sock.sendall(frame(1, request_bytes("Block", StringValue(value="x").SerializeToString())))
+    assert service.gate.entered.wait(60)
+    sock.close()  # nobody can take the answer: the blocked call does not hold shutdown up
+    assert served[0].shutdown(timeout=60)
+    assert not service.gate.opened.is_set()
 
 
 SERVER_SCRIPT = textwrap.dedent(

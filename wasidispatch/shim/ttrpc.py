@@ -404,7 +404,7 @@ class Unary(Generic[RequestT]):
         return self.func(request, ctx).SerializeToString()
 
 
-_handling = threading.local()  # .server: the Server whose handler this thread runs
+_handling = threading.local()  # .conn: the _ServerConnection whose call this thread runs
 
 
 class _ServerConnection:
@@ -670,7 +670,7 @@ class Server:
     def _handle(
         self, conn: _ServerConnection, handler: Handler, ctx: Context, payload: bytes
     ) -> None:
-        _handling.server = self
+        _handling.conn = conn
         code: int = Code.OK
         message, answer = "", b""
         try:
@@ -687,7 +687,7 @@ class Server:
             _log.exception("ttrpc: %s/%s failed", ctx.service, ctx.method)
             code, message = Code.UNKNOWN, str(exc) or type(exc).__name__
         finally:
-            _handling.server = None
+            _handling.conn = None
         try:
             conn.respond(ctx.stream_id, code, message, answer)
         finally:
@@ -706,24 +706,27 @@ class Server:
     # -------------------------------------------------------------------------- stopping
 
     def shutdown(self, timeout: float | None = None) -> bool:
-        """Stop accepting, let the calls in flight finish (at most ``timeout`` seconds), then
-        close every connection as it becomes idle; True when all finished in time, else the
-        rest is closed as by `close`. Calls arriving meanwhile on open connections are still
-        served. Called from a handler, it does not wait for that handler's own call (whose
-        answer is still sent before its connection closes)."""
+        """Stop accepting, let the calls in flight on open connections finish (at most
+        ``timeout`` seconds), closing every connection as it becomes idle; True when all
+        finished in time, else the rest is closed as by `close`. Calls arriving meanwhile on
+        open connections are still served; calls whose client is gone are not waited for
+        (their ``ctx.cancelled`` is set). Called from a handler, it does not wait for that
+        handler's own call, whose answer is still sent before its connection closes."""
         with self._cond:
             self._draining = True
             listeners = list(self._listeners)
         for sock in listeners:
             self._close_listener(sock)
-        own = 1 if getattr(_handling, "server", None) is self else 0
+        own = getattr(_handling, "conn", None)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                idle = [c for c in self._connections if c.active == 0]
-                for conn in idle:
-                    conn.close()
-                if self._in_flight <= own:
+                busy = 0
+                for conn in self._connections:
+                    if conn.active == 0:
+                        conn.close()
+                    busy += conn.active - (conn is own)
+                if busy == 0:
                     finished = True
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -732,7 +735,7 @@ class Server:
                     break
                 self._cond.wait(remaining)
         if not finished:
-            _log.warning("ttrpc: %d calls still running at shutdown", self._in_flight - own)
+            _log.warning("ttrpc: %d calls still running at shutdown", busy)
             self.close()
         return finished
 
