@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(
 def _example() -> str:
     text = (ROOT / "docs" / "shim.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    (code,) = [b for b in blocks if "run_shim(HostShim())" in b]
+    (code,) = [str(b) for b in blocks if "run_shim(HostShim())" in b]
     return code
 
 
@@ -254,12 +254,23 @@ def test_delete_prints_a_delete_response(world: dict[str, object]) -> None:
     assert out.returncode == 0, out.stderr
     response = shim_pb2.DeleteResponse()
     response.ParseFromString(out.stdout)
-    assert response.exit_status == 137 and response.exited_at.seconds > 0
+    assert response.exit_status == 137
+    assert response.exited_at.seconds > 0
 
 
 def test_go_flag_syntax() -> None:
     opts = daemon.parse_args(
-        ["--namespace=k8s.io", "-address", "/a", "-debug", "-id", "x", "-publish-binary", "b", "start"]
+        [
+            "--namespace=k8s.io",
+            "-address",
+            "/a",
+            "-debug",
+            "-id",
+            "x",
+            "-publish-binary",
+            "b",
+            "start",
+        ]
     )
     assert (opts.namespace, opts.address, opts.debug, opts.id, opts.action) == (
         "k8s.io",
@@ -283,5 +294,6 @@ def test_socket_names_derive_from_address_namespace_and_group() -> None:
         daemon.socket_path("w", "/a", "ns", "g2"),
         daemon.socket_path("runc", "/a", "ns", "g"),
     }
-    assert base not in others and len(others) == 4
+    assert base not in others
+    assert len(others) == 4
     assert len(base) < 108  # sun_path

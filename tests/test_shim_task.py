@@ -188,16 +188,20 @@ def test_lifecycle_publishes_every_event_in_order(tmp_path: Path) -> None:
         t.join(5)
         assert not t.is_alive()
     waited = svc.Wait(shim_pb2.WaitRequest(id="c1"))
-    assert waited.exit_status == 3 and waited.exited_at.seconds > 0
+    assert waited.exit_status == 3
+    assert waited.exited_at.seconds > 0
     state = svc.State(shim_pb2.StateRequest(id="c1"))
     assert (state.status, state.exit_status) == (task_types_pb2.STOPPED, 3)
     deleted = svc.Delete(shim_pb2.DeleteRequest(id="c1"))
     assert (deleted.pid, deleted.exit_status) == (pid, 3)
-    assert inst.deleted and w.unmounted == [str(tmp_path / "c1" / "rootfs")]
+    assert inst.deleted
+    assert w.unmounted == [str(tmp_path / "c1" / "rootfs")]
     assert w.events.topics() == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
     create, exit_ = w.events.seen[0][1], w.events.seen[2][1]
-    assert isinstance(create, events_pb2.TaskCreate) and create.pid == pid
-    assert create.io.stdout == "/fifo/out" and create.rootfs[0].type == "overlay"
+    assert isinstance(create, events_pb2.TaskCreate)
+    assert create.pid == pid
+    assert create.io.stdout == "/fifo/out"
+    assert create.rootfs[0].type == "overlay"
     assert isinstance(exit_, events_pb2.TaskExit)
     assert (exit_.container_id, exit_.id, exit_.exit_status) == ("c1", "c1", 3)
     assert code_of(lambda: svc.State(shim_pb2.StateRequest(id="c1"))) == 5
@@ -241,7 +245,8 @@ def test_illegal_transitions_are_refused_with_their_codes(tmp_path: Path) -> Non
         assert code_of(call) == 5
     assert code_of(lambda: svc.Kill(shim_pb2.KillRequest(id="c1", signal=0))) in (3, 5)
     assert svc.Delete(shim_pb2.DeleteRequest(id="c1")).exit_status == 143
-    assert "/tasks/paused" in w.events.topics() and "/tasks/resumed" in w.events.topics()
+    assert "/tasks/paused" in w.events.topics()
+    assert "/tasks/resumed" in w.events.topics()
 
 
 def test_exec_processes(tmp_path: Path) -> None:
@@ -262,7 +267,8 @@ def test_exec_processes(tmp_path: Path) -> None:
     )
     svc.ResizePty(shim_pb2.ResizePtyRequest(id="c1", exec_id="e1", width=80, height=24))
     svc.CloseIO(shim_pb2.CloseIORequest(id="c1", exec_id="e1", stdin=True))
-    assert proc.size == (80, 24) and proc.stdin_closed
+    assert proc.size == (80, 24)
+    assert proc.stdin_closed
     # the init cannot go while an exec runs
     assert code_of(lambda: svc.Delete(shim_pb2.DeleteRequest(id="c1"))) == 9
     proc.finish(5)
@@ -275,7 +281,8 @@ def test_exec_processes(tmp_path: Path) -> None:
     w.instances["c1"].finish(0)
     assert svc.Wait(shim_pb2.WaitRequest(id="c1", exec_id="e3")).exit_status == 137
     topics = w.events.topics()
-    assert topics.count("/tasks/exec-added") == 2 and topics.count("/tasks/exec-started") == 2
+    assert topics.count("/tasks/exec-added") == 2
+    assert topics.count("/tasks/exec-started") == 2
 
 
 def test_bad_bundles_fail_create_cleanly(tmp_path: Path) -> None:
@@ -292,7 +299,9 @@ def test_bad_bundles_fail_create_cleanly(tmp_path: Path) -> None:
     assert code_of(lambda: svc.Create(req)) == 3
     assert code_of(lambda: svc.Create(shim_pb2.CreateTaskRequest(id="", bundle="/x"))) == 3
     assert code_of(lambda: svc.Create(shim_pb2.CreateTaskRequest(id="c", bundle="rel"))) == 3
-    assert w.instances == {} and w.mounted == [] and w.events.seen == []
+    assert w.instances == {}
+    assert w.mounted == []
+    assert w.events.seen == []
 
 
 def test_a_failing_factory_unmounts_and_frees_the_id(tmp_path: Path) -> None:
@@ -300,7 +309,8 @@ def test_a_failing_factory_unmounts_and_frees_the_id(tmp_path: Path) -> None:
     with pytest.raises(ShimError, match="does not compile"):
         w.create("c1")
     assert w.mounted == w.unmounted == [str(tmp_path / "c1" / "rootfs")]
-    assert w.events.seen == [] and w.service.task_ids == []
+    assert w.events.seen == []
+    assert w.service.task_ids == []
     w.fail = None
     assert w.create("c1").pid > 0  # the id is free again
 
@@ -309,7 +319,8 @@ def test_delete_of_a_created_task_kills_it(tmp_path: Path) -> None:
     w = World(tmp_path)
     w.create("c1")
     response = w.service.Delete(shim_pb2.DeleteRequest(id="c1"))
-    assert response.exit_status == 137 and w.instances["c1"].deleted
+    assert response.exit_status == 137
+    assert w.instances["c1"].deleted
 
 
 def test_shutdown_waits_for_the_last_task(tmp_path: Path) -> None:
@@ -331,19 +342,20 @@ def test_stats_connect_update(tmp_path: Path) -> None:
     pid = w.create("c1").pid
     assert svc.Stats(shim_pb2.StatsRequest(id="c1")).stats.type_url == "test.Stats"
     connected = svc.Connect(shim_pb2.ConnectRequest(id="c1"))
-    assert connected.task_pid == pid and connected.shim_pid > 0
+    assert connected.task_pid == pid
+    assert connected.shim_pid > 0
     svc.Update(shim_pb2.UpdateTaskRequest(id="c1", resources=any_pb2.Any(value=b"{}")))
     assert w.instances["c1"].updated == b"{}"
 
 
 def test_concurrent_creates_of_one_id_make_one_task(tmp_path: Path) -> None:
     w = World(tmp_path)
-    w.bundle("c1")
+    req = shim_pb2.CreateTaskRequest(id="c1", bundle=w.bundle("c1"))
     codes: list[int] = []
 
     def create() -> None:
         try:
-            w.create("c1")
+            w.service.Create(req)
             codes.append(0)
         except ShimError as exc:
             codes.append(exc.code)

@@ -40,6 +40,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -50,8 +51,9 @@ from typing import TYPE_CHECKING, NoReturn, Protocol
 from wasidispatch import _fs
 
 if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
     from wasidispatch.shim.instance import Factory
-    from wasidispatch.shim.task import EventSink
 
 __all__ = [
     "GROUP_ANNOTATIONS",
@@ -336,7 +338,7 @@ def _redirect_stdio(bundle: str) -> None:
     out = null
     with contextlib.suppress(OSError):
         fd = os.open(os.path.join(bundle, "log"), os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-        if os.path.stat.S_ISFIFO(os.fstat(fd).st_mode):
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
             os.set_blocking(fd, True)
             out = fd
         else:
@@ -422,13 +424,13 @@ def _serve(shim: Shim, opts: Options, listener: socket.socket, path: str, ready:
     return 0
 
 
-class _Closable(Protocol):
-    def publish(self, topic: str, event: object) -> None: ...
+class _Publisher(Protocol):
+    def publish(self, topic: str, event: Message) -> None: ...
 
     def close(self, timeout: float = ...) -> None: ...
 
 
-def _publisher(opts: Options) -> EventSink | None:
+def _publisher(opts: Options) -> _Publisher | None:
     if not opts.ttrpc_address:
         log.warning("TTRPC_ADDRESS is not set: events are not published")
         return None

@@ -26,6 +26,7 @@ thread per started process waits for its `Exit`, publishes ``TaskExit`` and wake
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -212,7 +213,7 @@ class TaskService:
 
     # ------------------------------------------------------------------------------ Create
 
-    def Create(self, req: shim_pb2.CreateTaskRequest, *_: object) -> shim_pb2.CreateTaskResponse:
+    def Create(self, req: shim_pb2.CreateTaskRequest, *_ctx: object) -> shim_pb2.CreateTaskResponse:
         """Create a task: mount its rootfs, read its config.json, call the factory."""
         task_id = req.id
         if not task_id:
@@ -296,7 +297,7 @@ class TaskService:
 
     # ------------------------------------------------------------------------------ Start
 
-    def Start(self, req: shim_pb2.StartRequest, *_: object) -> shim_pb2.StartResponse:
+    def Start(self, req: shim_pb2.StartRequest, *_ctx: object) -> shim_pb2.StartResponse:
         """Start the task's init or an exec process (created -> running)."""
         with self._lock:
             task, proc = self._proc(req.id, req.exec_id)
@@ -358,10 +359,8 @@ class TaskService:
         if not proc.exec_id:
             # the init has gone: so do the processes exec'd into it (runc.v2 does the same)
             for other in others:
-                try:
+                with contextlib.suppress(ShimError, OSError):
                     other.process.kill(_signal.SIGKILL, False)
-                except (ShimError, OSError):
-                    pass
 
     def _check_oom(self, task: _Task) -> None:
         count = getattr(task.instance, "oom_events", None)
@@ -371,7 +370,7 @@ class TaskService:
 
     # ------------------------------------------------------------------------------ Delete
 
-    def Delete(self, req: shim_pb2.DeleteRequest, *_: object) -> shim_pb2.DeleteResponse:
+    def Delete(self, req: shim_pb2.DeleteRequest, *_ctx: object) -> shim_pb2.DeleteResponse:
         """Delete a stopped (or never started) process; the init deletes the task."""
         with self._lock:
             task, proc = self._proc(req.id, req.exec_id)
@@ -431,7 +430,7 @@ class TaskService:
 
     # ------------------------------------------------------------------------------ the rest
 
-    def State(self, req: shim_pb2.StateRequest, *_: object) -> shim_pb2.StateResponse:
+    def State(self, req: shim_pb2.StateRequest, *_ctx: object) -> shim_pb2.StateResponse:
         """The process's state, pid, stdio and (once stopped) exit."""
         with self._lock:
             task, proc = self._proc(req.id, req.exec_id)
@@ -455,14 +454,14 @@ class TaskService:
             response.exited_at.CopyFrom(_timestamp(done.at_ns))
         return response
 
-    def Pids(self, req: shim_pb2.PidsRequest, *_: object) -> shim_pb2.PidsResponse:
+    def Pids(self, req: shim_pb2.PidsRequest, *_ctx: object) -> shim_pb2.PidsResponse:
         """Every pid of the task's container."""
         with self._lock:
             task = self._task(req.id)
         pids = task.instance.pids()
         return shim_pb2.PidsResponse(processes=[task_types_pb2.ProcessInfo(pid=p) for p in pids])
 
-    def Pause(self, req: shim_pb2.PauseRequest, *_: object) -> empty_pb2.Empty:
+    def Pause(self, req: shim_pb2.PauseRequest, *_ctx: object) -> empty_pb2.Empty:
         """Freeze a running task."""
         with self._lock:
             task = self._task(req.id)
@@ -484,7 +483,7 @@ class TaskService:
         self._publish("/tasks/paused", events_pb2.TaskPaused(container_id=task.id))
         return empty_pb2.Empty()
 
-    def Resume(self, req: shim_pb2.ResumeRequest, *_: object) -> empty_pb2.Empty:
+    def Resume(self, req: shim_pb2.ResumeRequest, *_ctx: object) -> empty_pb2.Empty:
         """Thaw a paused task."""
         with self._lock:
             task = self._task(req.id)
@@ -499,11 +498,11 @@ class TaskService:
         self._publish("/tasks/resumed", events_pb2.TaskResumed(container_id=task.id))
         return empty_pb2.Empty()
 
-    def Checkpoint(self, req: shim_pb2.CheckpointTaskRequest, *_: object) -> empty_pb2.Empty:
+    def Checkpoint(self, req: shim_pb2.CheckpointTaskRequest, *_ctx: object) -> empty_pb2.Empty:
         """Not supported: a clear code 12."""
         raise UnimplementedError(f"checkpoint of task {req.id}: not supported by this shim")
 
-    def Kill(self, req: shim_pb2.KillRequest, *_: object) -> empty_pb2.Empty:
+    def Kill(self, req: shim_pb2.KillRequest, *_ctx: object) -> empty_pb2.Empty:
         """Signal a process (``all``: every process of the container)."""
         with self._lock:
             _, proc = self._proc(req.id, req.exec_id)
@@ -515,7 +514,7 @@ class TaskService:
         proc.process.kill(req.signal, req.all)
         return empty_pb2.Empty()
 
-    def Exec(self, req: shim_pb2.ExecProcessRequest, *_: object) -> empty_pb2.Empty:
+    def Exec(self, req: shim_pb2.ExecProcessRequest, *_ctx: object) -> empty_pb2.Empty:
         """Add a process (from a runtime-spec ``process`` in ``spec``) to a running task."""
         if not req.exec_id:
             raise InvalidArgumentError(f"exec into task {req.id}: the exec id is empty")
@@ -550,14 +549,14 @@ class TaskService:
         )
         return empty_pb2.Empty()
 
-    def ResizePty(self, req: shim_pb2.ResizePtyRequest, *_: object) -> empty_pb2.Empty:
+    def ResizePty(self, req: shim_pb2.ResizePtyRequest, *_ctx: object) -> empty_pb2.Empty:
         """Resize a process's terminal."""
         with self._lock:
             _, proc = self._proc(req.id, req.exec_id)
         proc.process.resize_pty(req.width, req.height)
         return empty_pb2.Empty()
 
-    def CloseIO(self, req: shim_pb2.CloseIORequest, *_: object) -> empty_pb2.Empty:
+    def CloseIO(self, req: shim_pb2.CloseIORequest, *_ctx: object) -> empty_pb2.Empty:
         """Close a process's stdin."""
         with self._lock:
             _, proc = self._proc(req.id, req.exec_id)
@@ -565,7 +564,7 @@ class TaskService:
             proc.process.close_stdin()
         return empty_pb2.Empty()
 
-    def Update(self, req: shim_pb2.UpdateTaskRequest, *_: object) -> empty_pb2.Empty:
+    def Update(self, req: shim_pb2.UpdateTaskRequest, *_ctx: object) -> empty_pb2.Empty:
         """Apply new resources to a task."""
         with self._lock:
             task = self._task(req.id)
@@ -574,7 +573,7 @@ class TaskService:
         task.instance.update(req.resources)
         return empty_pb2.Empty()
 
-    def Wait(self, req: shim_pb2.WaitRequest, *_: object) -> shim_pb2.WaitResponse:
+    def Wait(self, req: shim_pb2.WaitRequest, *_ctx: object) -> shim_pb2.WaitResponse:
         """Block until the process has exited."""
         with self._lock:
             _, proc = self._proc(req.id, req.exec_id)
@@ -584,14 +583,14 @@ class TaskService:
             raise NotFoundError(f"{_what(proc)}: deleted before it exited")
         return shim_pb2.WaitResponse(exit_status=done.status, exited_at=_timestamp(done.at_ns))
 
-    def Stats(self, req: shim_pb2.StatsRequest, *_: object) -> shim_pb2.StatsResponse:
+    def Stats(self, req: shim_pb2.StatsRequest, *_ctx: object) -> shim_pb2.StatsResponse:
         """The task's cgroup metrics."""
         with self._lock:
             task = self._task(req.id)
         stats: AnyMessage = task.instance.stats()
         return shim_pb2.StatsResponse(stats=stats)
 
-    def Connect(self, req: shim_pb2.ConnectRequest, *_: object) -> shim_pb2.ConnectResponse:
+    def Connect(self, req: shim_pb2.ConnectRequest, *_ctx: object) -> shim_pb2.ConnectResponse:
         """The shim's and the task's pids."""
         with self._lock:
             task = self._tasks.get(req.id)
@@ -599,7 +598,7 @@ class TaskService:
             shim_pid=os.getpid(), task_pid=task.instance.pid if task is not None else 0
         )
 
-    def Shutdown(self, req: shim_pb2.ShutdownRequest, *_: object) -> empty_pb2.Empty:
+    def Shutdown(self, req: shim_pb2.ShutdownRequest, *_ctx: object) -> empty_pb2.Empty:
         """Leave when no task is left (or at once with ``now``)."""
         with self._lock:
             if self._tasks and not req.now:

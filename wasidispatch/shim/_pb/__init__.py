@@ -1,0 +1,1 @@
+"""Generated protobuf modules (``python -m wasidispatch.shim._build``); do not edit."""
