@@ -701,30 +701,37 @@ def test_served_path_removed_at_close(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_other_users_are_refused(served: tuple[Server, str], tmp_path: Path) -> None:
+def test_other_users_are_refused(service: Service) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to connect as another user")
-    os.chmod(tmp_path, 0o755)
+    # an abstract socket has no file permissions: anyone may connect, the server refuses
+    name = f"@wasidispatch-test-{os.getpid()}-{threading.get_ident()}"
+    server = Server()
+    server.register(SERVICE, service.methods())
+    server.serve(name)
     script = textwrap.dedent(
         f"""
-        import os, sys
-        os.setgid(65534); os.setuid(65534)
+        import os
         from wasidispatch.shim.ttrpc import Client
         from wasidispatch.errors import TtrpcError
-        c = Client({served[1]!r})
+        os.setgid(65534)
+        os.setuid(65534)
+        client = Client({name!r})  # SO_PEERCRED is taken at connect
         try:
-            c.call({SERVICE!r}, "Raw", b"x")
+            client.call({SERVICE!r}, "Raw", b"x")
         except TtrpcError as exc:
-            print("refused", exc.code)
+            print(exc.code, exc)
         """
     )
-    os.chmod(served[1], 0o777)
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=60
-    )
-    assert out.stdout.strip() == "refused 14", out.stderr
-    with Client(served[1]) as mine:
-        assert mine.call(SERVICE, "Raw", b"ab") == b"ba"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=60
+        )
+        assert out.stdout.strip() == "14 ttrpc: closed: connection closed by the server", out.stderr
+        with Client(name) as mine:
+            assert mine.call(SERVICE, "Raw", b"ab") == b"ba"
+    finally:
+        server.close()
 
 
 # ------------------------------------------------------------------------------ containerd
