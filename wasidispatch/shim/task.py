@@ -320,9 +320,8 @@ class TaskService:
         with self._lock:
             if proc.state == "starting":
                 proc.state = "running"
-        threading.Thread(
-            target=self._watch_exit, args=(task, proc), name=f"exit-{req.id}", daemon=True
-        ).start()
+        # TaskStart goes out before the exit watcher exists: a process that exits at once
+        # must not have its TaskExit published first
         if proc.exec_id:
             self._publish(
                 "/tasks/exec-started",
@@ -330,6 +329,9 @@ class TaskService:
             )
         else:
             self._publish("/tasks/start", events_pb2.TaskStart(container_id=task.id, pid=pid))
+        threading.Thread(
+            target=self._watch_exit, args=(task, proc), name=f"exit-{req.id}", daemon=True
+        ).start()
         return shim_pb2.StartResponse(pid=pid)
 
     def _watch_exit(self, task: _Task, proc: _Proc) -> None:
