@@ -72,7 +72,8 @@ GROUP_ANNOTATIONS = ("io.kubernetes.cri.sandbox-id",)
 """Annotations naming a container's group (the first present wins; else its id)."""
 
 _PR_SET_CHILD_SUBREAPER = 36
-_READY = b"ok"
+_READY = b"ok"  # the daemon's line on the readiness pipe when it serves
+_signalled: list[bool] = []  # set once the daemon told start it serves (the pipe is closed)
 log = logging.getLogger("wasidispatch.shim")
 
 
@@ -325,6 +326,8 @@ def _read_all(fd: int, *, timeout: float) -> bytes:
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+        if chunk.endswith(b"\n"):  # one line; a helper process may still hold the pipe
+            return b"".join(chunks).rstrip(b"\n")
 
 
 # ---------------------------------------------------------------------------------- daemon
@@ -371,8 +374,9 @@ def _daemon(
         code = _serve(shim, opts, listener, path, ready)
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
-        with contextlib.suppress(OSError):
-            os.write(ready, message.encode()[:4000])
+        if not _signalled:  # the start process still waits: tell it why
+            with contextlib.suppress(OSError):
+                os.write(ready, message.replace("\n", " ").encode()[:4000] + b"\n")
         log.exception("shim daemon failed")
         code = 1
     finally:
@@ -408,8 +412,9 @@ def _serve(shim: Shim, opts: Options, listener: socket.socket, path: str, ready:
     server = Server()
     server.register(SERVICE, service.methods())
     server.serve(listener)
-    os.write(ready, _READY)
+    os.write(ready, _READY + b"\n")
     os.close(ready)
+    _signalled.append(True)
     log.info("shim %s serving on %s (pid %d)", shim.name, path, os.getpid())
     while not stop.wait(3600):
         pass
