@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from wasidispatch import _fs
@@ -61,6 +62,8 @@ class WasiDispatchShim:
 
     def factory(self, options: Options) -> Factory:
         """Create's dispatch: sandbox and Linux to runc, Wasm to the zygote."""
+        # the dispatch rule's modules load while containerd connects, not in the first Create
+        threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
         return lambda request: self._create(request, options)
 
     def _create(self, request: CreateRequest, options: Options) -> Instance:
@@ -122,6 +125,14 @@ class WasiDispatchShim:
         if self._zygote is not None:
             self._zygote.close()
             self._zygote = None
+
+
+def _warm_imports() -> None:
+    with contextlib.suppress(Exception):
+        import wasidispatch.executor
+        import wasidispatch.runc.spec
+        import wasidispatch.wasmshim.linux
+        import wasidispatch.wasmshim.wasm  # noqa: F401
 
 
 def _kind(request: CreateRequest) -> tuple[str, str]:
