@@ -198,7 +198,9 @@ def test_start_create_start_wait_delete_shutdown(world: dict[str, object]) -> No
     while os.path.exists(socket_path) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.exists(socket_path), "the daemon left its socket"
-    assert not os.path.exists(f"/proc/{shim_pid}") or _zombie(shim_pid)
+    while os.path.exists(f"/proc/{shim_pid}") and not _zombie(shim_pid):
+        assert time.monotonic() < deadline, "the daemon did not exit after Shutdown"
+        time.sleep(0.05)
 
 
 def _zombie(pid: int) -> bool:
@@ -297,3 +299,32 @@ def test_socket_names_derive_from_address_namespace_and_group() -> None:
     assert base not in others
     assert len(others) == 4
     assert len(base) < 108  # sun_path
+
+
+def test_delete_response_is_the_generated_message() -> None:
+    for pid, status, at in [(0, 137, 1_700_000_000_123_456_789), (4242, 0, 5), (1, 255, 0)]:
+        ours = shim_pb2.DeleteResponse()
+        ours.ParseFromString(daemon.delete_response(pid, status, at))
+        expected = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
+        expected.exited_at.FromNanoseconds(at)
+        assert ours == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "value"),
+    [
+        ({"annotations": {"io.kubernetes.cri.sandbox-id": "pod1"}}, "pod1"),
+        ({"annotations": {"io.kubernetes.cri.sandbox-id": 'p"\\u00e9\n'}}, 'p"\\u00e9\n'),
+        ({"process": {"env": ['"io.kubernetes.cri.sandbox-id": "no"']}}, None),
+        ({"annotations": {"other": "io.kubernetes.cri.sandbox-id"}}, None),
+        ({"annotations": {"io.kubernetes.cri.sandbox-id": 3}}, None),
+        ({}, None),
+    ],
+)
+def test_group_annotation_without_json(config: dict[str, object], value: str | None) -> None:
+    for text in (
+        json.dumps(config),
+        json.dumps(config, indent=2),
+        json.dumps(config, ensure_ascii=False),
+    ):
+        assert daemon.annotation(text.encode(), "io.kubernetes.cri.sandbox-id") == value

@@ -67,9 +67,9 @@ _LAZY = {
     "Stdio": "wasidispatch.shim.instance",
     "Completed": "wasidispatch.shim.reaper",
     "Reaper": "wasidispatch.shim.reaper",
-    "BaseShim": "wasidispatch.shim.daemon",
+    "BaseShim": "wasidispatch.shim.instance",
     "Options": "wasidispatch.shim.daemon",
-    "Shim": "wasidispatch.shim.daemon",
+    "Shim": "wasidispatch.shim.instance",
     "run_shim": "wasidispatch.shim.daemon",
     "EventSink": "wasidispatch.shim.task",
     "TaskService": "wasidispatch.shim.task",
@@ -80,15 +80,17 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from wasidispatch.shim.daemon import BaseShim, Options, Shim, run_shim
+    from wasidispatch.shim.daemon import Options, run_shim
     from wasidispatch.shim.events import Publisher
     from wasidispatch.shim.instance import (
         BaseInstance,
+        BaseShim,
         CreateRequest,
         Factory,
         Instance,
         Mount,
         Process,
+        Shim,
         Stdio,
     )
     from wasidispatch.shim.reaper import Completed, Exit, Reaper

@@ -23,14 +23,18 @@ from wasidispatch.shim.reaper import Exit
 if TYPE_CHECKING:
     from google.protobuf.any_pb2 import Any as AnyMessage
 
+    from wasidispatch.shim.daemon import Options
+
 __all__ = [
     "BaseInstance",
+    "BaseShim",
     "CreateRequest",
     "Exit",
     "Factory",
     "Instance",
     "Mount",
     "Process",
+    "Shim",
     "Stdio",
 ]
 
@@ -188,4 +192,49 @@ class BaseInstance:
         raise UnimplementedError(f"{type(self).__name__}: no terminal")
 
     def close_stdin(self) -> None:
+        """Nothing to close."""
+
+
+class Shim(Protocol):
+    """What a shim built on this toolkit provides to `run_shim`."""
+
+    name: str
+    """The runtime's name: ``NAME`` in ``io.containerd.NAME.v1``."""
+
+    def prepare(self, options: Options) -> None:
+        """Called in the daemon while it is still single-threaded, before anything else
+        starts: fork helper processes here (a zygote)."""
+        ...
+
+    def factory(self, options: Options) -> Factory:
+        """The `Factory` the Task service creates its instances with."""
+        ...
+
+    def cleanup(self, options: Options, bundle: str) -> None:
+        """``delete`` after a dead shim: release what the container of ``options.id`` at
+        ``bundle`` held (processes, runtime state, cgroups). The rootfs is unmounted after."""
+        ...
+
+    def close(self) -> None:
+        """The daemon is exiting (every task is deleted already)."""
+        ...
+
+
+class BaseShim:
+    """A `Shim` with nothing to prepare, clean up or close: subclass it, set ``name`` and
+    write ``factory``."""
+
+    name = "base"
+
+    def prepare(self, options: Options) -> None:
+        """Nothing to fork."""
+
+    def factory(self, options: Options) -> Factory:
+        """Subclasses return their `Factory`."""
+        raise NotImplementedError
+
+    def cleanup(self, options: Options, bundle: str) -> None:
+        """Nothing outlives the daemon."""
+
+    def close(self) -> None:
         """Nothing to close."""

@@ -10,44 +10,53 @@ applies the `wasidispatch.executor.decide` rule to the bundle:
 - the CRI sandbox (``io.kubernetes.cri.container-type: sandbox``, the pause container) and
   every ELF or ``#!`` entrypoint: the real runc (`wasidispatch.wasmshim.linux`).
 
-Runtime options: ``ctr --runc-root``/``--runc-binary``/``--runc-systemd-cgroup`` (and the
-CRI's runc options) arrive as ``containerd.runc.v1.Options`` and are honoured for the Linux
-containers. Environment: ``WASIDISPATCH_ENGINE`` (engine order, e.g. ``wasmtime-fast``),
-``WASIDISPATCH_CACHE_DIR`` / ``WASIDISPATCH_CACHE=off`` as for ``wasidispatch-runc``.
+Runtime options: ``ctr --runc-root``/``--runc-binary`` (and the CRI's runc options) arrive as
+``containerd.runc.v1.Options`` and are honoured for the Linux containers. Environment:
+``WASIDISPATCH_ENGINE`` (engine order, e.g. ``wasmtime-fast``), ``WASIDISPATCH_CACHE_DIR`` /
+``WASIDISPATCH_CACHE=off`` as for ``wasidispatch-runc``.
+
+containerd 1.6 runs this binary twice per container besides the daemon: ``start`` (answered
+from the group's live socket) and ``delete`` (after every container, even when its shim is
+alive). Both import only ``os`` and ``sys`` unless there is real work: a fresh interpreter
+is ~18 ms here and each common stdlib module costs milliseconds more.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import os
-import signal
 import sys
-import threading
-from typing import TYPE_CHECKING
 
-from wasidispatch import _fs
-from wasidispatch.shim.daemon import Options, run_shim
-
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from wasidispatch.shim.instance import CreateRequest, Factory, Instance
+    from collections.abc import Mapping
+
+    from google.protobuf.any_pb2 import Any as AnyMessage
+
+    from wasidispatch.shim.daemon import Options
+    from wasidispatch.shim.instance import (
+        CreateRequest,
+        Exit,
+        Factory,
+        Instance,
+        Process,
+        Stdio,
+    )
     from wasidispatch.wasmshim.zygote import Zygote
 
 __all__ = ["RECORD", "WasiDispatchShim", "main"]
 
-RECORD = "wasidispatch-shim.json"
-"""The file in a bundle saying how its container runs, for ``delete`` after a dead shim."""
+RECORD = "wasidispatch-shim.record"
+"""The file in a bundle saying how its live container runs (``kind``, ``pid``, ``runc_root``,
+``runc_binary`` lines), for ``delete`` after a dead shim; removed when the container is."""
 
 SANDBOX_ANNOTATION = "io.kubernetes.cri.container-type"
 _DEFAULT_RUNC_ROOT = "/run/containerd/wasidispatch"
 _RUNC_OPTIONS = "containerd.runc.v1.Options"
-
-log = logging.getLogger("wasidispatch.shim")
+_LOGGER = "wasidispatch.shim"
 
 
 class WasiDispatchShim:
-    """The `wasidispatch.shim.daemon.Shim` of ``containerd-shim-wasidispatch-v1``."""
+    """The `wasidispatch.shim.Shim` of ``containerd-shim-wasidispatch-v1``."""
 
     name = "wasidispatch"
 
@@ -62,63 +71,68 @@ class WasiDispatchShim:
 
     def factory(self, options: Options) -> Factory:
         """Create's dispatch: sandbox and Linux to runc, Wasm to the zygote."""
+        import threading
+
         # the dispatch rule's modules load while containerd connects, not in the first Create
         threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
         return lambda request: self._create(request, options)
 
     def _create(self, request: CreateRequest, options: Options) -> Instance:
+        import logging
+
         kind, why = _kind(request)
-        log.info("create %s: %s (%s)", request.id, kind, why)
+        logging.getLogger(_LOGGER).info("create %s: %s (%s)", request.id, kind, why)
         runc = _runc_options(request, options)
+        instance: Instance
         if kind == "wasm":
             from wasidispatch.wasmshim.wasm import create_wasm
 
             if self._zygote is None:
                 raise RuntimeError("the zygote is not running")
-            instance: Instance = create_wasm(request, self._zygote)
+            instance = create_wasm(request, self._zygote)
         else:
             from wasidispatch.wasmshim.linux import create_linux
 
             instance = create_linux(request, runc_root=runc["root"], runc_binary=runc["binary"])
-        record = {
-            "kind": kind,
-            "pid": instance.pid,
-            "runc_root": runc["root"],
-            "runc_binary": runc["binary"],
-            "id": request.id,
-        }
-        with contextlib.suppress(OSError):
-            _fs.write_atomic(
-                os.path.join(request.bundle, RECORD), json.dumps(record).encode(), mode=0o600
-            )
-        return instance
+        record = os.path.join(request.bundle, RECORD)
+        _write_record(
+            record,
+            {
+                "kind": kind,
+                "pid": str(instance.pid),
+                "runc_root": runc["root"],
+                "runc_binary": runc["binary"],
+            },
+        )
+        return _Recorded(instance, record)
 
     def cleanup(self, options: Options, bundle: str) -> None:
-        """``delete`` after a dead shim: runc's state, or the Wasm process and its cgroup."""
-        try:
-            record = json.loads(
-                _fs.read_regular(os.path.join(bundle, RECORD), limit=65536, follow=False)
-            )
-        except Exception:
-            record = {}
-        if not isinstance(record, dict):
-            record = {}
-        root = str(record.get("runc_root") or _default_root(options.namespace))
-        binary = str(record.get("runc_binary") or "runc")
+        """``delete`` after a dead shim: runc's state, or the Wasm process and its cgroup.
+        Nothing to do (and nothing imported) when the shim deleted the container itself."""
+        record = _read_record(os.path.join(bundle, RECORD))
+        if record is None:
+            return
         if record.get("kind") == "wasm":
-            pid = record.get("pid")
-            if isinstance(pid, int) and pid > 1:
-                _kill_if_ours(pid, bundle)
+            pid = record.get("pid", "")
+            if pid.isdigit() and int(pid) > 1:
+                _kill_if_ours(int(pid), bundle)
             _remove_cgroups(bundle)
         else:
-            from wasidispatch.shim.reaper import Reaper
+            root = record.get("runc_root") or _default_root(options.namespace)
+            binary = record.get("runc_binary") or "runc"
+            if os.path.exists(os.path.join(root, options.id)):
+                from wasidispatch.shim.reaper import Reaper
 
-            reaper = Reaper()
-            reaper.start()
-            try:
-                reaper.run([binary, "--root", root, "delete", "--force", options.id], timeout=30)
-            finally:
-                reaper.close()
+                reaper = Reaper()
+                reaper.start()
+                try:
+                    reaper.run([binary, "--root", root, "delete", "--force", options.id])
+                finally:
+                    reaper.close()
+        try:
+            os.unlink(os.path.join(bundle, RECORD))
+        except OSError:
+            pass
 
     def close(self) -> None:
         """Stop the zygote."""
@@ -127,12 +141,105 @@ class WasiDispatchShim:
             self._zygote = None
 
 
+class _Recorded:
+    """An instance whose bundle record goes when it is deleted (so ``delete`` after a live
+    shim has nothing to do); everything else is the instance's."""
+
+    def __init__(self, instance: Instance, record: str) -> None:
+        self._instance = instance
+        self._record = record
+
+    @property
+    def pid(self) -> int:
+        return self._instance.pid
+
+    @property
+    def oom_events(self) -> int:
+        count = getattr(self._instance, "oom_events", 0)
+        return count if isinstance(count, int) else 0
+
+    def start(self) -> int:
+        return self._instance.start()
+
+    def kill(self, signal: int, all: bool = False) -> None:
+        self._instance.kill(signal, all)
+
+    def wait(self) -> Exit:
+        return self._instance.wait()
+
+    def delete(self) -> None:
+        self._instance.delete()
+        try:
+            os.unlink(self._record)
+        except OSError:
+            pass
+
+    def resize_pty(self, width: int, height: int) -> None:
+        self._instance.resize_pty(width, height)
+
+    def close_stdin(self) -> None:
+        self._instance.close_stdin()
+
+    def pids(self) -> list[int]:
+        return self._instance.pids()
+
+    def pause(self) -> None:
+        self._instance.pause()
+
+    def resume(self) -> None:
+        self._instance.resume()
+
+    def stats(self) -> AnyMessage:
+        return self._instance.stats()
+
+    def update(self, resources: AnyMessage) -> None:
+        self._instance.update(resources)
+
+    def exec(self, exec_id: str, process: Mapping[str, object], stdio: Stdio) -> Process:
+        return self._instance.exec(exec_id, process, stdio)
+
+
+def _write_record(path: str, fields: dict[str, str]) -> None:
+    if any("\n" in v for v in fields.values()):
+        return  # a path with a newline: no record (delete then finds nothing to clean)
+    from wasidispatch import _fs
+
+    data = "".join(f"{k}={v}\n" for k, v in fields.items()).encode()
+    try:
+        _fs.write_atomic(path, data, mode=0o600)
+    except OSError:
+        pass
+
+
+def _read_record(path: str) -> dict[str, str] | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if (os.fstat(fd).st_mode & 0o170000) != 0o100000:
+            return None
+        data = os.read(fd, 65536)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    out: dict[str, str] = {}
+    for line in data.decode(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
 def _warm_imports() -> None:
-    with contextlib.suppress(Exception):
+    try:
         import wasidispatch.executor
         import wasidispatch.runc.spec
         import wasidispatch.wasmshim.linux
         import wasidispatch.wasmshim.wasm  # noqa: F401
+    except Exception:
+        pass
 
 
 def _kind(request: CreateRequest) -> tuple[str, str]:
@@ -161,7 +268,8 @@ def _default_root(namespace: str) -> str:
 
 def _runc_options(request: CreateRequest, options: Options) -> dict[str, str]:
     """runc's root and binary: from ``containerd.runc.v1.Options`` when sent, else ours."""
-    root = _default_root(request.namespace or options.namespace)
+    namespace = request.namespace or options.namespace
+    root = _default_root(namespace)
     binary = "runc"
     any_options = request.options
     if any_options is not None and any_options.type_url.endswith(_RUNC_OPTIONS):
@@ -170,7 +278,7 @@ def _runc_options(request: CreateRequest, options: Options) -> dict[str, str]:
         parsed = runc_options_pb2.Options()
         parsed.ParseFromString(any_options.value)
         if parsed.root:
-            root = os.path.join(parsed.root, request.namespace or options.namespace)
+            root = os.path.join(parsed.root, namespace or "default")
         if parsed.binary_name:
             binary = parsed.binary_name
     return {"root": root, "binary": binary}
@@ -180,6 +288,8 @@ def _kill_if_ours(pid: int, bundle: str) -> None:
     """SIGKILL ``pid`` when it still is the container's process: the pid may have been
     reused since the shim died, so it must sit in the container's own cgroup (a Wasm
     container without a cgroup path is left alone: nothing proves the pid is still it)."""
+    import signal
+
     from wasidispatch.runc import cgroups
     from wasidispatch.runc.spec import LeanBundle
 
@@ -194,15 +304,17 @@ def _kill_if_ours(pid: int, bundle: str) -> None:
         return
     wanted = "/" + path.strip("/")
     if any(line.split(":", 2)[-1] == wanted for line in lines):
-        with contextlib.suppress(OSError):
+        try:
             os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _remove_cgroups(bundle: str) -> None:
     from wasidispatch.runc import cgroups
     from wasidispatch.runc.spec import LeanBundle
 
-    with contextlib.suppress(Exception):
+    try:
         spec = LeanBundle.load(bundle).spec
         path = cgroups.resolve(spec.linux.cgroups_path if spec.linux else None)
         if path is not None:
@@ -211,8 +323,12 @@ def _remove_cgroups(bundle: str) -> None:
                 for h in cgroups.hierarchies()
             ]
             cgroups.remove(d for d in dirs if os.path.isdir(d))
+    except Exception:
+        pass
 
 
 def main() -> None:
     """The console script."""
+    from wasidispatch.shim.daemon import run_shim
+
     sys.exit(run_shim(WasiDispatchShim()))
