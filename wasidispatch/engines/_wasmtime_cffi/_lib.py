@@ -231,6 +231,10 @@ def _probe_abi(ffi: Any, lib: Any) -> None:
     val_size = ffi.sizeof("wasmtime_val_t")
     ext_size = ffi.sizeof("wasmtime_extern_t")
     config = lib.wasm_config_new()
+    # compiled on this thread: a parallel compile would start wasmtime's thread pool in every
+    # process that loads the library, and a process that forks (the shim's zygote) must stay
+    # single-threaded
+    lib.wasmtime_config_parallel_compilation_set(config, False)
     engine = lib.wasm_engine_new_with_config(config)  # consumes config
     if engine == ffi.NULL:
         raise EngineUnavailable("wasmtime could not create an engine")

@@ -1,0 +1,366 @@
+"""The zygote: the single-threaded warm process Wasm containers are forked from.
+
+Forking a multi-threaded process is unsafe: the child gets only the forking thread, and any
+lock another thread held (the allocator's, the import lock, a logging handler's, a rayon
+pool's in wasmtime) stays locked forever. The shim daemon has threads (ttrpc, events, the
+reaper), so it never forks a container itself. Instead, while the daemon is still
+single-threaded (`wasidispatch.shim.Shim.prepare`), `Zygote.start` forks the zygote, which
+
+- keeps only fds 0-2 and its end of a ``SOCK_SEQPACKET`` socketpair (the daemon's listening
+  socket and readiness pipe must not outlive the daemon), dies with the daemon
+  (``PR_SET_PDEATHSIG``), restores the default signal dispositions;
+- imports the executor and the engines and builds one `wasidispatch.executor.WasmExecutor`
+  with the precompile cache, never compiling (wasmtime compiles on a thread pool): a new
+  container inherits the loaded engine, and its module comes precompiled from the cache;
+- serves spawn requests one at a time, and before every fork checks that it still has a
+  single thread (``/proc/self/task``), refusing otherwise.
+
+A spawn forks a child that forks the container process and exits at once, so the container
+process is re-parented to the daemon (a child subreaper) and reaped by its `Reaper`, like
+runc's container init. The container process talks to the shim on its own control socket
+(passed with the request): its pid, then "ready" (or the error) once it prepared the module,
+joined its cgroup and applied the process settings; then it waits for "start", takes its stdio
+(containerd's FIFOs, or a terminal's slave) and runs the guest; its exit code is the WASI
+exit code, a signal kills it (the reaper reports 128+N).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+from wasidispatch.errors import ShimError
+
+__all__ = ["Zygote", "container_main"]
+
+_PR_SET_PDEATHSIG = 1
+_THREAD_FREE = ("wasmtime-fast", "wasmtime")  # engines whose construction starts no thread
+_MAX_MESSAGE = 1 << 20
+_RESET_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGPIPE,
+    signal.SIGCHLD,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+def send(sock: socket.socket, message: Mapping[str, object], fds: Sequence[int] = ()) -> None:
+    """One JSON message (and fds) on a SEQPACKET socket."""
+    data = json.dumps(message).encode()
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(_fd_array(fds)))])
+    else:
+        sock.send(data)
+
+
+def _fd_array(fds: Sequence[int]) -> bytearray:
+    import array
+
+    return bytearray(array.array("i", fds).tobytes())
+
+
+def receive(sock: socket.socket, max_fds: int = 4) -> tuple[dict[str, object] | None, list[int]]:
+    """One message and its fds; ``(None, [])`` at EOF."""
+    import array
+
+    fds = array.array("i")
+    data, ancdata, _, _ = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(max_fds * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    message = json.loads(data)
+    return (message if isinstance(message, dict) else {}), list(fds)
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def _close_all_but(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class Zygote:
+    """The shim side of the zygote: `start` it before any thread exists, `spawn` from any
+    thread (requests are serialised), `close` at the end."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    @classmethod
+    def start(cls, *, engine: str | None = None, cache_dir: str | None = None) -> Zygote:
+        """Fork the zygote. Must be called while this process has a single thread."""
+        if _threads() != 1:
+            raise ShimError(f"the zygote must be forked single-threaded ({_threads()} threads)")
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the zygote
+            parent.close()
+            _zygote_main(child, engine, cache_dir)
+        child.close()
+        return cls(pid, parent)
+
+    def spawn(self, request: Mapping[str, object], fds: Sequence[int]) -> None:
+        """Ask for a container process (``fds``: its control socket first, then a terminal's
+        slave); the process reports on its control socket. Raises `ShimError` when the
+        zygote refuses or is gone."""
+        with self._lock:
+            try:
+                send(self._sock, request, fds)
+                answer, extra = receive(self._sock)
+            except OSError as exc:
+                raise ShimError(f"the zygote is gone: {exc}") from exc
+        for fd in extra:
+            os.close(fd)
+        if answer is None:
+            raise ShimError("the zygote is gone")
+        if answer.get("error"):
+            raise ShimError(f"zygote: {answer['error']}")
+
+    def threads(self) -> int:
+        """How many threads the zygote has (1, always: tests check it)."""
+        return len(os.listdir(f"/proc/{self.pid}/task"))
+
+    def close(self) -> None:
+        """Stop the zygote (it exits at EOF) and reap it."""
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)
+        from wasidispatch.shim.reaper import Reaper
+
+        reaper = Reaper.default()
+        reaper.watch(self.pid)
+        with contextlib.suppress(Exception):
+            reaper.wait(self.pid, 5)
+            reaper.forget(self.pid)
+
+
+# ------------------------------------------------------------------------------ the zygote
+
+
+def _zygote_main(
+    sock: socket.socket, engine: str | None, cache_dir: str | None
+) -> NoReturn:  # pragma: no cover - runs in the zygote
+    code = 0
+    try:
+        import ctypes
+
+        _close_all_but({0, 1, 2, sock.fileno()})
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() == 1:
+            os._exit(0)
+        for sig in _RESET_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        executor = _executor(engine, cache_dir)
+        while True:
+            message, fds = receive(sock)
+            if message is None:
+                break
+            try:
+                _spawn(message, fds, executor, sock)
+                send(sock, {"ok": True})
+            except Exception as exc:
+                send(sock, {"error": str(exc) or type(exc).__name__})
+            finally:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+    except BaseException:
+        code = 1
+    os._exit(code)
+
+
+def _executor(engine: str | None, cache_dir: str | None) -> object:
+    """The executor every container inherits: engines imported, cache open, nothing
+    compiled (compiling starts wasmtime's thread pool)."""
+    from wasidispatch.executor import WasmExecutor
+
+    engines = engine or os.environ.get("WASIDISPATCH_ENGINE")
+    cache = None
+    if os.environ.get("WASIDISPATCH_CACHE", "on") != "off":
+        from wasidispatch.cache import PrecompileCache
+        from wasidispatch.errors import CacheError
+
+        try:
+            cache = PrecompileCache(cache_dir or os.environ.get("WASIDISPATCH_CACHE_DIR") or None)
+        except CacheError as exc:  # the cache is an optimisation: containers run uncached
+            print(
+                f"wasidispatch zygote: running without a precompile cache: {exc}", file=sys.stderr
+            )
+    choice = tuple(e for e in engines.split(",") if e) if engines else None
+    executor = WasmExecutor(choice, cache=cache)
+    # import what every container needs now, so a fork inherits it loaded
+    import wasidispatch.runc.cgroups
+    import wasidispatch.runc.spec
+    import wasidispatch.runc.wasm_container  # noqa: F401
+    from wasidispatch import engines as registry
+
+    for name in choice or ("wasmtime-fast",):
+        if name not in _THREAD_FREE:  # wasmer-sdk starts an event-loop thread: in the child
+            continue
+        with contextlib.suppress(Exception):
+            executor._engine(name)  # construct (no compile): the engine's library is loaded
+    del registry
+    if _threads() != 1:
+        print(
+            f"wasidispatch zygote: {_threads()} threads after loading the engines",
+            file=sys.stderr,
+        )
+    return executor
+
+
+def _spawn(
+    message: Mapping[str, object], fds: list[int], executor: object, sock: socket.socket
+) -> None:  # pragma: no cover - runs in the zygote
+    if not fds:
+        raise ShimError("spawn without a control socket")
+    threads = _threads()
+    if threads != 1:
+        raise ShimError(f"the zygote has {threads} threads: refusing to fork")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if os.fork() == 0:
+                sock.close()
+                container_main(message, fds, executor)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+# ------------------------------------------------------------------------------ the container
+
+
+def container_main(
+    message: Mapping[str, object], fds: list[int], executor: object
+) -> NoReturn:  # pragma: no cover - runs in the container process
+    """The container process: report, prepare, wait for start, run, exit with the code."""
+    control = socket.socket(fileno=fds[0])
+    slave = fds[1] if len(fds) > 1 else None
+    code = 137
+    made: list[str] = []  # cgroup dirs created: the shim removes them once this process is gone
+    try:
+        os.setsid()
+        _close_all_but({0, 1, 2, control.fileno(), *([slave] if slave is not None else [])})
+        send(control, {"pid": os.getpid()})
+        prepared, leaves = _prepare(message, executor, made)
+        send(control, {"ready": True, "leaves": leaves, "made": made})
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            send(control, {"error": _one_line(exc), "made": made})
+        os._exit(1)
+    try:
+        answer, _ = receive(control)
+    except OSError:
+        answer = None
+    if not answer or answer.get("op") != "start":
+        os._exit(137)
+    try:
+        _take_stdio(message, slave)
+        from wasidispatch.executor import WasmExecutor
+
+        assert isinstance(executor, WasmExecutor)
+        result = executor.run(prepared)  # type: ignore[arg-type]
+        code = result.exit_code
+        if result.message:
+            print(f"wasidispatch: {result.reason.value}: {result.message}", file=sys.stderr)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            print(f"wasidispatch: {_one_line(exc)}", file=sys.stderr)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    os._exit(code & 0xFF)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _prepare(
+    message: Mapping[str, object], executor: object, made: list[str]
+) -> tuple[object, list[str]]:
+    """Prepare the module, join the cgroup (``made`` gets every directory created), apply
+    the process settings."""
+    from wasidispatch.executor import WasmExecutor
+    from wasidispatch.runc import cgroups
+    from wasidispatch.runc.spec import LeanBundle
+    from wasidispatch.runc.wasm_container import _apply_process
+
+    assert isinstance(executor, WasmExecutor)
+    bundle = LeanBundle.load(str(message["bundle"]))
+    prepared = executor.prepare(bundle)
+    spec = bundle.spec
+    linux = spec.linux
+    resources = linux.resources if linux is not None else None
+    memory = resources.memory.limit if resources and resources.memory else None
+    pids = resources.pids.limit if resources and resources.pids else None
+    leaves: list[str] = []
+    path = cgroups.resolve(
+        linux.cgroups_path if linux is not None else None, systemd=bool(message.get("systemd"))
+    )
+    if path is not None:
+        leaves = cgroups.create(path, memory_limit=memory, pids_limit=pids, made=made)
+        cgroups.join(leaves)
+    _apply_process(spec)
+    return prepared, leaves
+
+
+def _take_stdio(message: Mapping[str, object], slave: int | None) -> None:
+    """The container's stdio on fds 0-2: a terminal's slave, or containerd's FIFOs."""
+    if slave is not None:
+        import fcntl
+        import termios
+
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        for fd in (0, 1, 2):
+            os.dup2(slave, fd)
+        os.close(slave)
+        return
+    stdio = message.get("stdio")
+    paths = stdio if isinstance(stdio, dict) else {}
+    null = os.open(os.devnull, os.O_RDWR)
+    stdin = str(paths.get("stdin") or "")
+    if stdin:
+        fd = os.open(stdin, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+    else:
+        fd = os.dup(null)
+    os.dup2(fd, 0)
+    os.close(fd)
+    for target, key in ((1, "stdout"), (2, "stderr")):
+        path = str(paths.get(key) or "")
+        fd = os.open(path, os.O_RDWR) if path else os.dup(null)
+        os.dup2(fd, target)
+        os.close(fd)
+    os.close(null)
