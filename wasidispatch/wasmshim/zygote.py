@@ -268,14 +268,15 @@ def container_main(
     code = 137
     made: list[str] = []  # cgroup dirs created: the shim removes them once this process is gone
     try:
+        # the zygote's fds are its own (the cache's directories, the engine's): every fd of
+        # the daemon was closed when the zygote started, and the zygote's socket by the caller
         os.setsid()
-        _close_all_but({0, 1, 2, control.fileno(), *([slave] if slave is not None else [])})
         send(control, {"pid": os.getpid()})
         prepared, leaves = _prepare(message, executor, made)
         send(control, {"ready": True, "leaves": leaves, "made": made})
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            send(control, {"error": _one_line(exc), "made": made})
+            send(control, {"error": f"{_entrypoint(message)}{_one_line(exc)}", "made": made})
         os._exit(1)
     try:
         answer, _ = receive(control)
@@ -300,6 +301,17 @@ def container_main(
             with contextlib.suppress(Exception):
                 stream.flush()
     os._exit(code & 0xFF)
+
+
+def _entrypoint(message: Mapping[str, object]) -> str:
+    """``"ARGS0: "`` of the bundle's process, for error messages (``""`` when unknown)."""
+    try:
+        from wasidispatch.runc.spec import LeanBundle
+
+        process = LeanBundle.load(str(message["bundle"])).spec.process
+        return f"{process.args[0]}: " if process is not None and process.args else ""
+    except Exception:
+        return ""
 
 
 def _one_line(exc: BaseException) -> str:
