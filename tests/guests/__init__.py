@@ -7,7 +7,8 @@ gitignored ``tests/.fixtures/guests/`` under a name that includes a digest of th
 the build command, so an edited source is rebuilt; writes are atomic (other test processes
 may build the same guest at the same time).
 
-C guests: ``hello`` (one line on stdout), ``args`` (argc then argv, one per line), ``env``
+C guests: ``hello`` (one line on stdout), ``say`` (prints argv[1], exits with argv[2]),
+``args`` (argc then argv, one per line), ``env``
 (the environment, or the named variables' values), ``exit`` (exits with argv[1]), ``files``
 (``read``/``write``/``list`` under a preopen; failure is exit 1 with ``error: ...`` on
 stderr), ``cat`` (stdin to stdout, byte count to stderr), ``loop`` (spins forever),
