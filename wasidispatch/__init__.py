@@ -32,6 +32,13 @@ _EXPORTS: dict[str, str] = {
     "ExecutorError": "wasidispatch.errors",
     "IncompatibleArtifact": "wasidispatch.errors",
     "RegistryError": "wasidispatch.errors",
+    "AlreadyExistsError": "wasidispatch.errors",
+    "FailedPreconditionError": "wasidispatch.errors",
+    "InvalidArgumentError": "wasidispatch.errors",
+    "NotFoundError": "wasidispatch.errors",
+    "ShimError": "wasidispatch.errors",
+    "TtrpcError": "wasidispatch.errors",
+    "UnimplementedError": "wasidispatch.errors",
     "SpecError": "wasidispatch.errors",
     "WasiDispatchError": "wasidispatch.errors",
     # format detection
@@ -138,6 +145,7 @@ if TYPE_CHECKING:
     from wasidispatch.engines.wasmer import WasmerEngine
     from wasidispatch.engines.wasmtime import WasmtimeEngine
     from wasidispatch.errors import (
+        AlreadyExistsError,
         CacheError,
         CantHandle,
         CompileError,
@@ -145,9 +153,15 @@ if TYPE_CHECKING:
         EngineError,
         EngineUnavailable,
         ExecutorError,
+        FailedPreconditionError,
         IncompatibleArtifact,
+        InvalidArgumentError,
+        NotFoundError,
         RegistryError,
+        ShimError,
         SpecError,
+        TtrpcError,
+        UnimplementedError,
         WasiDispatchError,
     )
     from wasidispatch.executor import BundleLike as BundleLike

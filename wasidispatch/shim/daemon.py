@@ -178,7 +178,7 @@ def parse_args(argv: Sequence[str]) -> Options:
 
 def _sha256_hex(data: bytes) -> str:
     try:  # the builtin module: hashlib's OpenSSL import costs ~6 ms
-        from _sha256 import sha256
+        from _sha256 import sha256  # type: ignore[import-not-found]
     except ImportError:  # pragma: no cover - other interpreters
         from hashlib import sha256
     digest: str = sha256(data).hexdigest()
