@@ -40,6 +40,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -117,7 +118,7 @@ def missing_grpc() -> str | None:
     """Why `ContainerdClient` cannot work here (no ``grpcio``/``grpcio-tools``), or ``None``."""
     try:
         import grpc  # type: ignore[import-untyped]  # noqa: F401
-        import grpc_tools  # type: ignore[import-untyped]  # noqa: F401
+        import grpc_tools  # noqa: F401
     except ImportError as exc:
         return f"needs grpcio and grpcio-tools ({exc})"
     return None
@@ -577,6 +578,27 @@ class PrivateContainerd:
         """``ctr task ps``: the pids of the task's processes."""
         out = self.ctr("tasks", "ps", cid)
         return [int(w[0]) for w in (line.split() for line in out.stdout.splitlines()[1:]) if w]
+
+    def delete_task(self, cid: str) -> int:
+        """``ctr task rm``: delete a stopped task; returns its exit code (``ctr`` exits 0 and
+        warns ``task ID exit with non-zero exit code N``)."""
+        out = self.ctr("tasks", "rm", cid)
+        if out.returncode != 0:
+            raise RuntimeError(f"ctr task rm {cid} failed: {out.stderr}")
+        found = re.search(r"exit with non-zero exit code (\d+)", out.stderr)
+        return int(found.group(1)) if found else 0
+
+    def frozen(self, cid: str) -> bool | None:
+        """Whether the container's cgroup is frozen: cgroup v1's ``freezer.state`` or v2's
+        ``cgroup.freeze`` (``None`` when the container has neither)."""
+        relative = f"{self.cgroup_parent}/{cid}".lstrip("/")
+        v1 = Path("/sys/fs/cgroup/freezer") / relative / "freezer.state"
+        with contextlib.suppress(OSError):
+            return v1.read_text().strip() == "FROZEN"
+        for top in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")):
+            with contextlib.suppress(OSError):
+                return (top / relative / "cgroup.freeze").read_text().strip() == "1"
+        return None
 
     def shim_pid(self, cid: str) -> int:
         """The pid of the shim serving task ``cid`` (0 when not found).
