@@ -164,6 +164,11 @@ class WasmInstance:
             if self._terminal is not None:
                 os.close(self._terminal.slave)
                 self._terminal.slave = -1
+        from wasidispatch.runc import cgroups
+
+        # the kernel's wait before a cgroup migration (an RCU grace period, 5-15 ms here)
+        # starts now, while the container process prepares its module, not at its join
+        cgroups.prewarm()
         ours.settimeout(_READY_TIMEOUT)
         hello, _ = receive(ours)
         pid = hello.get("pid") if hello is not None else None
