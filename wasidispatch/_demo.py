@@ -135,10 +135,88 @@ def pod_demo(workdir: Path = DEMO_DIR) -> int:
     return 1 if failed else 0
 
 
+def containerd_demo(workdir: Path = DEMO_DIR) -> int:
+    """The pod through a private containerd and ``containerd-shim-wasidispatch-v1`` (root
+    only; in a repository checkout, whose ``tests/containerd_harness.py`` runs containerd
+    under a temporary directory): a Linux sidecar keeping the pod's shim up, the Wasm app and
+    a busybox container in the same group, all served by one shim process."""
+    import time
+
+    if os.geteuid() != 0:
+        print("== containerd: skipped (needs root: containerd, runc and cgroups)")
+        return 0
+    try:
+        from tests import containerd_harness as h
+    except ImportError:
+        print("== containerd: skipped (run make demo in the repository: tests/ is needed)")
+        return 0
+    missing = h.missing_requirements() or h.missing_shim()
+    if missing is not None:
+        print(f"== containerd: skipped ({missing})")
+        return 0
+    daemon = h.PrivateContainerd(bytecode=True)
+    failed = 0
+    try:
+        daemon.start()
+        images = daemon.base / "images"
+        images.mkdir()
+        files = {
+            "app.wasm": _build_wasm_app(workdir).read_bytes(),
+            "etc/greeting.txt": b"app: hello from C compiled to wasm32-wasi, via containerd\n",
+        }
+        wasm = daemon.import_layout(h.wasm_layout(images / "app", files, "/app.wasm"), "app")
+        busybox = daemon.import_layout(h.busybox_layout(images / "busybox"), "busybox")
+        pod = {h.GROUP_ANNOTATION: "demo-pod"}
+        run = h.SHIM_RUNTIME
+        print(f"== a private containerd, runtime {run}, pod annotation {pod}")
+        keeper = daemon.run_argv(
+            busybox, "sidecar", "sleep", "60", runtime_type=run, annotations=pod, detach=True
+        )
+        import subprocess
+
+        subprocess.run(keeper, check=True, capture_output=True, timeout=60)
+        shim = daemon.shim_pid("sidecar")
+        print(f"   sidecar (Linux, runc): busybox sleep, task pid {daemon.task_pid('sidecar')}")
+        rows = []
+        for cid, image, args, kind in (
+            ("app", wasm, ("/app.wasm", "--greet"), "wasm (zygote fork)"),
+            (
+                "logger",
+                busybox,
+                ("sh", "-c", "echo logger: hello from busybox in runc"),
+                "linux (runc)",
+            ),
+        ):
+            argv = daemon.run_argv(image, cid, *args, runtime_type=run, annotations=pod)
+            t0 = time.perf_counter()
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            wall = (time.perf_counter() - t0) * 1000
+            print(f"== {cid}: {kind}")
+            print(f"-- output:\n{out.stdout}{out.stderr}", end="")
+            print(f"-- exit code {out.returncode}, ctr run --rm {wall:.0f} ms\n")
+            failed += out.returncode != 0
+            rows.append((cid, kind, out.returncode, wall))
+        same = daemon.shim_pid("sidecar") == shim
+        print(f"one shim process for the pod: pid {shim} ({'yes' if same else 'NO'})")
+        failed += not same
+        daemon.ctr("tasks", "kill", "--signal", "SIGKILL", "sidecar")
+        daemon.wait_status("sidecar", "STOPPED")
+        daemon.remove("sidecar")
+        print(f"left behind: {daemon.settle()}")
+    except Exception as exc:
+        print(f"== containerd demo failed: {exc}\n{daemon.log()}")
+        failed += 1
+    finally:
+        daemon.stop()
+    return 1 if failed else 0
+
+
 def main() -> int:
     """``make demo``: the pod (Wasm app, Linux sidecar, Wasm component) dispatched and run,
-    then the detection table over real files of every kind."""
+    the same pod through containerd and the shim (as root), then the detection table."""
     status = pod_demo()
+    print()
+    status = status or containerd_demo()
     print()
     return status or detect_demo()
 
