@@ -377,3 +377,28 @@ def test_runc_v2_groups_the_same_way(clean: PrivateContainerd, images: dict[str,
     finally:
         for cid in ("r-1", "r-2"):
             d.remove(cid)
+
+
+@needs_shim
+def test_exec_and_metrics_of_a_linux_container_and_refusals_for_wasm(
+    clean: PrivateContainerd, images: dict[str, str]
+) -> None:
+    d = clean
+    _started(d, images["linux"], "ex-linux", "sleep", "60", runtime_type=SHIM_RUNTIME)
+    out = d.ctr("task", "exec", "--exec-id", "e1", "ex-linux", "sh", "-c", "echo in exec; exit 4")
+    assert (out.returncode, out.stdout) == (4, "in exec\n"), out.stderr
+    metrics = d.ctr("task", "metrics", "ex-linux")
+    assert metrics.returncode == 0, metrics.stderr
+    assert "memory.usage_in_bytes" in metrics.stdout
+    assert "cpuacct.usage" in metrics.stdout
+    _started(d, images["wasm"], "ex-wasm", "/loop.wasm", runtime_type=SHIM_RUNTIME)
+    refused = d.ctr("task", "exec", "--exec-id", "e1", "ex-wasm", "sh")
+    assert refused.returncode != 0
+    assert "exec into Wasm container ex-wasm is not supported" in refused.stderr
+    wasm_metrics = d.ctr("task", "metrics", "ex-wasm")
+    assert wasm_metrics.returncode == 0, wasm_metrics.stderr
+    usage = [line for line in wasm_metrics.stdout.splitlines() if "memory.usage_in_bytes" in line]
+    assert usage
+    assert int(usage[0].split()[1]) > 0
+    for cid in ("ex-linux", "ex-wasm"):
+        d.remove(cid)
