@@ -226,7 +226,7 @@ def annotation(config: bytes, key: str) -> str | None:
     ``:`` can only be an object key (``process.env`` holds ``"K=V"`` strings), and the value
     is decoded by the C scanner ``json`` itself uses. Anything unusual falls back to ``json``.
 
-    >>> annotation(b'{"annotations": {"a": "b", "k": "v\\u0021"}}', "k")
+    >>> annotation(b'{"annotations": {"a": "b", "k": "v\\\\u0021"}}', "k")
     'v!'
     """
     needle = ('"' + key + '"').encode()
