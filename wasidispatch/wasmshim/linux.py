@@ -278,6 +278,8 @@ class LinuxInstance(LinuxProcess):
         self.runc.delete(self.cid)
         if self._pid:
             self.runc.reaper.forget(self._pid)
+        with contextlib.suppress(OSError):  # the namespace's runc root, once empty (runc
+            os.rmdir(self.runc.root)  # makes it again for the next container)
 
     def pids(self) -> list[int]:
         """``runc ps``."""
