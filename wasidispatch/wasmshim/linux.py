@@ -278,8 +278,9 @@ class LinuxInstance(LinuxProcess):
         self.runc.delete(self.cid)
         if self._pid:
             self.runc.reaper.forget(self._pid)
-        with contextlib.suppress(OSError):  # the namespace's runc root, once empty (runc
-            os.rmdir(self.runc.root)  # makes it again for the next container)
+        # the namespace's runc root goes once empty (runc makes it again when needed)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.runc.root)
 
     def pids(self) -> list[int]:
         """``runc ps``."""
