@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
@@ -57,8 +57,7 @@ def type_url(event: Message) -> str:
     return event.DESCRIPTOR.full_name
 
 
-@dataclass(frozen=True)
-class _Queued:
+class _Queued(NamedTuple):
     topic: str
     namespace: str
     request: bytes  # the whole ForwardRequest, stamped at publish time

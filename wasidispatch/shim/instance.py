@@ -14,8 +14,8 @@ A minimal custom shim implements `Instance` for its containers and hands a `Fact
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from wasidispatch.errors import UnimplementedError
 from wasidispatch.shim.reaper import Exit
@@ -39,8 +39,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Stdio:
+class Stdio(NamedTuple):
     """A process's stdio as containerd names it: FIFO paths (``""``: none) and whether it
     has a terminal (then ``stdout`` carries the terminal's output and ``stderr`` is unused).
 
@@ -54,8 +53,7 @@ class Stdio:
     terminal: bool = False
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(NamedTuple):
     """One rootfs mount of a Create request (containerd's ``types.Mount``)."""
 
     type: str
@@ -64,8 +62,7 @@ class Mount:
     options: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class CreateRequest:
+class CreateRequest(NamedTuple):
     """What the Task service hands the `Factory` for a Create: the container ``id``, its
     ``bundle`` directory (``config.json``; ``rootfs/`` already mounted from ``rootfs``), the
     containerd ``namespace``, its `Stdio`, the runtime ``options`` (the request's ``Any``, or
@@ -78,7 +75,7 @@ class CreateRequest:
     spec: Mapping[str, object]
     rootfs: tuple[Mount, ...] = ()
     options: AnyMessage | None = None
-    annotations: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = MappingProxyType({})
 
 
 @runtime_checkable

@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from wasidispatch.errors import ShimError
 
@@ -68,8 +68,7 @@ def exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-@dataclass(frozen=True)
-class Exit:
+class Exit(NamedTuple):
     """A reaped process: ``status`` (exit code, 128+N for signal N), ``at_ns`` (wall clock,
     ``time.time_ns()``, when it was reaped) and its ``pid``."""
 
@@ -78,8 +77,7 @@ class Exit:
     pid: int
 
 
-@dataclass(frozen=True)
-class Completed:
+class Completed(NamedTuple):
     """A command run to completion by `Reaper.run`."""
 
     code: int
