@@ -297,12 +297,32 @@ def _listen(path: str) -> socket.socket:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(path)
+        st = os.stat(path)
+        _OWN_SOCKET[:] = [(st.st_dev, st.st_ino)]
         os.chmod(path, 0o600)
         listener.listen(64)
     except BaseException:
         listener.close()
         raise
     return listener
+
+
+_OWN_SOCKET: list[tuple[int, int]] = []  # (st_dev, st_ino) of the socket this daemon bound
+
+
+def _unlink_own(path: str, listener: socket.socket) -> None:
+    """Remove the group's socket only while it is still this daemon's: after this daemon
+    unlinked it, the next ``start`` of the group may have bound a new one there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if _OWN_SOCKET and (st.st_dev, st.st_ino) != _OWN_SOCKET[0]:
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _write_small(path: str, data: bytes) -> None:
@@ -479,8 +499,7 @@ def _daemon(
         log.exception("shim daemon failed")
         code = 1
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        _unlink_own(path, listener)
         with contextlib.suppress(Exception):
             logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
@@ -523,10 +542,7 @@ def _serve(shim: Shim, opts: Options, listener: socket.socket, path: str, ready:
     while not stop.wait(3600):
         pass
     log.info("shim shutting down")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    _unlink_own(path, listener)  # first: a new start of the group makes a new shim at once
     server.shutdown(timeout=2.0)
     service.close()
     if events is not None:

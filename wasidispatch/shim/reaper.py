@@ -195,6 +195,9 @@ class Reaper:
                     )
                 except OSError as exc:
                     raise ShimError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
+                # a child just spawned has no earlier exit: a record under its pid is a
+                # previous process's that nobody consumed
+                self._exits.pop(pid, None)
                 self._watch_locked(pid)
         finally:
             os.close(null)

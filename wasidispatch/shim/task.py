@@ -244,7 +244,14 @@ class TaskService:
             with self._lock:
                 self._reserved.discard(task_id)
         with self._lock:
-            self._tasks[task_id] = task
+            late = self._shutdown  # the shim is going: a task made meanwhile goes too
+            if not late:
+                self._tasks[task_id] = task
+        if late:
+            task.instance.delete()
+            if task.rootfs is not None:
+                self._unmount(task.rootfs)
+            raise FailedPreconditionError(f"create {task_id}: the shim is shutting down")
         pid = task.instance.pid
         self._publish(
             "/tasks/create",
@@ -420,6 +427,8 @@ class TaskService:
                     self._unmount(task.rootfs)
                 except Exception as exc:
                     log.exception("delete %s: cannot unmount the rootfs", task.id)
+                    with self._lock:  # the process is gone: a retried Delete may go on
+                        proc.state = "stopped"
                     raise ShimError(f"delete {task.id}: cannot unmount the rootfs: {exc}") from exc
                 task.rootfs = None
             with self._lock:
@@ -612,7 +621,7 @@ class TaskService:
     def Shutdown(self, req: shim_pb2.ShutdownRequest, *_ctx: object) -> empty_pb2.Empty:
         """Leave when no task is left (or at once with ``now``)."""
         with self._lock:
-            if self._tasks and not req.now:
+            if (self._tasks or self._reserved) and not req.now:
                 return empty_pb2.Empty()
             first = not self._shutdown
             self._shutdown = True

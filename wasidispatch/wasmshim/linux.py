@@ -20,13 +20,14 @@ import signal as _signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 
 from google.protobuf.any_pb2 import Any as AnyMessage
 
 from wasidispatch.errors import InvalidArgumentError, NotFoundError, ShimError
 from wasidispatch.shim.instance import CreateRequest, Stdio
-from wasidispatch.shim.reaper import Exit
+from wasidispatch.shim.reaper import Exit, Reaper
 from wasidispatch.wasmshim.runc import Runc
 
 __all__ = ["LinuxInstance", "LinuxProcess", "create_linux", "metrics_from_runc"]
@@ -70,9 +71,21 @@ class _Console:
         self._threads: list[threading.Thread] = []
         self._fds: list[int] = []
 
-    def receive(self) -> None:
-        """Accept runc's connection and take the master fd (runc sends it during create)."""
-        conn, _ = self._listener.accept()
+    def receive(self, runc_pid: int, reaper: Reaper) -> None:
+        """Accept runc's connection and take the master fd (runc sends it during create);
+        `ShimError` at once when runc exits without connecting (a failed create)."""
+        self._listener.settimeout(0.05)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+                break
+            except TimeoutError:
+                if reaper.poll(runc_pid) is not None:
+                    raise ShimError("runc exited before it sent the terminal") from None
+                if time.monotonic() > deadline:
+                    raise ShimError("runc sent no terminal within 60 s") from None
+        conn.settimeout(10)
         with conn:
             fds = array.array("i")
             _, ancdata, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
@@ -100,8 +113,12 @@ class _Console:
             self._thread(src, master)
 
     def _thread(self, src: int, dst: int) -> None:
+        # the pump's own copies: `close` may close the originals while it is blocked, and a
+        # number reused meanwhile must never be read or written by it
+        src, dst = os.dup(src), os.dup(dst)
+
         def pump() -> None:
-            with contextlib.suppress(OSError):
+            try:
                 while True:
                     data = os.read(src, 65536)
                     if not data:
@@ -109,6 +126,11 @@ class _Console:
                     view = memoryview(data)
                     while view:
                         view = view[os.write(dst, view) :]
+            except OSError:
+                return
+            finally:
+                os.close(src)
+                os.close(dst)
 
         thread = threading.Thread(target=pump, name="console-copy", daemon=True)
         thread.start()
@@ -177,7 +199,7 @@ class LinuxProcess:
             stdio = (None, None, None)
             if console is not None:
                 try:
-                    console.receive()
+                    console.receive(runc_pid, self.runc.reaper)
                 except (OSError, ShimError):
                     with contextlib.suppress(Exception):
                         self.runc.finish_logged(runc_pid, log=log, what=what, timeout=30)
@@ -234,6 +256,10 @@ class LinuxProcess:
         if self._console is not None:
             self._console.close()
             self._console = None
+        if self._pid and self.exec_id:
+            # its exit is consumed: a pid reused later must not read as this exit
+            self.runc.reaper.forget(self._pid)
+            self._pid = 0
         tag = self.exec_id or "init"
         for name in (f"{tag}.pid", f"{tag}-runc.log", f"{tag}-process.json"):
             with contextlib.suppress(OSError):

@@ -89,6 +89,15 @@ class _Terminal:
             self._pump(src, self.master, close=src)
 
     def _pump(self, src: int, dst: int, *, close: int) -> None:
+        # the pump's own copy of the master: `close` may close the original while it is
+        # blocked, and a number reused meanwhile must never be read or written by it
+        if src == self.master:
+            src = os.dup(src)
+            mine = src
+        else:
+            dst = os.dup(dst)
+            mine = dst
+
         def run() -> None:
             try:
                 while True:
@@ -103,6 +112,8 @@ class _Terminal:
             finally:
                 with contextlib.suppress(OSError):
                     os.close(close)
+                with contextlib.suppress(OSError):
+                    os.close(mine)
 
         threading.Thread(target=run, name="pty-copy", daemon=True).start()
 
@@ -170,7 +181,10 @@ class WasmInstance:
         # starts now, while the container process prepares its module, not at its join
         cgroups.prewarm()
         ours.settimeout(_READY_TIMEOUT)
-        hello, _ = receive(ours)
+        try:
+            hello, _ = receive(ours)
+        except TimeoutError:
+            raise ShimError(f"create {self.id}: the container process did not start") from None
         pid = hello.get("pid") if hello is not None else None
         if not isinstance(pid, int):
             raise ShimError(f"create {self.id}: the container process died before it started")
