@@ -65,7 +65,9 @@ needs_runc = pytest.mark.skipif(RUNC is None, reason="needs Debian's runc")
 def runc_accepts(root: Path, container_id: str) -> bool:
     assert RUNC is not None
     proc = subprocess.run(
-        [RUNC, "--root", str(root), "state", container_id],
+        # `--`: an id starting with "-" would be read as a flag of runc's (a usage error,
+        # not its verdict on the id)
+        [RUNC, "--root", str(root), "state", "--", container_id],
         capture_output=True,
         text=True,
         check=False,
