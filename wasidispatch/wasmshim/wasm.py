@@ -186,6 +186,8 @@ class WasmInstance:
         except TimeoutError:
             raise ShimError(f"create {self.id}: the container process did not start") from None
         pid = hello.get("pid") if hello is not None else None
+        if hello is not None and hello.get("error"):
+            raise ShimError(f"create {self.id}: {hello['error']}")
         if not isinstance(pid, int):
             raise ShimError(f"create {self.id}: the container process died before it started")
         self._pid = pid

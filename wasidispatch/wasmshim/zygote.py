@@ -245,24 +245,57 @@ def _spawn(
     threads = _threads()
     if threads != 1:
         raise ShimError(f"the zygote has {threads} threads: refusing to fork")
+    bundle, new_pid_ns = _bundle(message)
     pid = os.fork()
     if pid == 0:
         try:
+            if new_pid_ns:
+                # the pid namespace a fork enters: the container process is its init
+                from wasidispatch.runc.sandbox import CLONE_NEWPID, _check, _libc
+
+                _check(_libc().unshare(CLONE_NEWPID), "a new pid namespace")
             if os.fork() == 0:
                 sock.close()
-                container_main(message, fds, executor)
+                container_main(message, fds, executor, bundle)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                control = socket.socket(fileno=fds[0])
+                send(control, {"error": _one_line(exc)})
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
+
+
+def sandboxed() -> bool:
+    """Whether Wasm containers get the container sandbox (`wasidispatch.runc.sandbox`):
+    always, unless ``WASIDISPATCH_SANDBOX=off`` is in the shim's environment (to measure
+    what it costs; never on a node that runs untrusted code)."""
+    return os.environ.get("WASIDISPATCH_SANDBOX", "on") != "off"
+
+
+def _bundle(message: Mapping[str, object]) -> tuple[object, bool]:
+    """The bundle, read once in the zygote (the container process inherits it), and whether
+    the container gets a new pid namespace; ``(None, False)`` when it cannot be read (the
+    container process then reports why)."""
+    try:
+        from wasidispatch.runc.sandbox import _doc, pid_namespace
+        from wasidispatch.runc.spec import LeanBundle
+
+        bundle = LeanBundle.load(str(message["bundle"]))
+        return bundle, sandboxed() and pid_namespace(_doc(bundle.spec))
+    except Exception:
+        return None, False
 
 
 # ------------------------------------------------------------------------------ the container
 
 
 def container_main(
-    message: Mapping[str, object], fds: list[int], executor: object
+    message: Mapping[str, object], fds: list[int], executor: object, bundle: object = None
 ) -> NoReturn:  # pragma: no cover - runs in the container process
-    """The container process: report, prepare, wait for start, run, exit with the code."""
+    """The container process: report, prepare, sandbox, wait for start, run, exit with the
+    code. In a pid namespace of its own it is that namespace's init, which the kernel only
+    delivers caught signals to: SIGTERM and friends then cancel the guest (exit 128+N)."""
     control = socket.socket(fileno=fds[0])
     slave = fds[1] if len(fds) > 1 else None
     code = 137
@@ -271,8 +304,9 @@ def container_main(
         # the zygote's fds are its own (the cache's directories, the engine's): every fd of
         # the daemon was closed when the zygote started, and the zygote's socket by the caller
         os.setsid()
-        send(control, {"pid": os.getpid()})
-        prepared, leaves = _prepare(message, executor, made)
+        # the host's /proc is still mounted here: /proc/self is the pid the shim sees
+        send(control, {"pid": int(os.readlink("/proc/self"))})
+        prepared, leaves, stdio = _prepare(message, executor, made, slave, bundle)
         send(control, {"ready": True, "leaves": leaves, "made": made})
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -285,13 +319,15 @@ def container_main(
     if not answer or answer.get("op") != "start":
         os._exit(137)
     try:
-        _take_stdio(message, slave)
+        _take_stdio(stdio, slave)
         from wasidispatch.executor import WasmExecutor
 
         assert isinstance(executor, WasmExecutor)
-        result = executor.run(prepared)  # type: ignore[arg-type]
+        cancel = _cancel_on_signals() if os.getpid() == 1 else None
+        result = executor.run(prepared, cancel=cancel)  # type: ignore[arg-type]
         code = result.exit_code
-        if result.message:
+        signalled = cancel is not None and cancel.cancelled  # type: ignore[attr-defined]
+        if result.message and not signalled:  # a signal's end is silent, as a process's is
             print(f"wasidispatch: {result.reason.value}: {result.message}", file=sys.stderr)
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -301,6 +337,41 @@ def container_main(
             with contextlib.suppress(Exception):
                 stream.flush()
     os._exit(code & 0xFF)
+
+
+#: The signals a container's init turns into a cancel of its guest (SIGKILL needs nothing).
+_CANCELLING = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+)
+
+
+def _cancel_on_signals() -> object:
+    """A `Cancel` fired by any of `_CANCELLING`, also while the guest runs in native code:
+    the C-level handler writes the number to a wakeup fd a watcher thread reads."""
+    from wasidispatch.engines import Cancel
+
+    cancel = Cancel()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(w, False)
+    wanted = {int(s) for s in _CANCELLING}
+    for sig in _CANCELLING:
+        signal.signal(sig, lambda signum, frame: None)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while data := os.read(r, 64):
+            for signum in data:
+                if signum in wanted:
+                    cancel.cancel(signum)
+
+    threading.Thread(target=watch, name="wasidispatch-signals", daemon=True).start()
+    return cancel
 
 
 def _entrypoint(message: Mapping[str, object]) -> str:
@@ -320,17 +391,24 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _prepare(
-    message: Mapping[str, object], executor: object, made: list[str]
-) -> tuple[object, list[str]]:
-    """Prepare the module, join the cgroup (``made`` gets every directory created), apply
-    the process settings."""
+    message: Mapping[str, object],
+    executor: object,
+    made: list[str],
+    slave: int | None,
+    bundle: object = None,
+) -> tuple[object, list[str], tuple[int, int, int] | None]:
+    """Prepare the module, join the cgroup (``made`` gets every directory created), open
+    the stdio (containerd's FIFOs are host paths), enter the sandbox and apply the process
+    settings (`wasidispatch.runc.sandbox`): after this, nothing of the host is in reach."""
+    import dataclasses
+
     from wasidispatch.executor import WasmExecutor
     from wasidispatch.runc import cgroups
     from wasidispatch.runc.spec import LeanBundle
-    from wasidispatch.runc.wasm_container import _apply_process
 
     assert isinstance(executor, WasmExecutor)
-    bundle = LeanBundle.load(str(message["bundle"]))
+    if not isinstance(bundle, LeanBundle):
+        bundle = LeanBundle.load(str(message["bundle"]))
     prepared = executor.prepare(bundle)
     spec = bundle.spec
     linux = spec.linux
@@ -344,11 +422,45 @@ def _prepare(
     if path is not None:
         leaves = cgroups.create(path, memory_limit=memory, pids_limit=pids, made=made)
         cgroups.join(leaves)
-    _apply_process(spec)
-    return prepared, leaves
+    stdio = None if slave is not None else _open_stdio(message)
+    if not sandboxed():
+        from wasidispatch.runc.wasm_container import _apply_process
+
+        _apply_process(spec)
+        return prepared, leaves, stdio
+    from wasidispatch.runc import sandbox
+
+    user = spec.process.user if spec.process is not None else None
+    workload = sandbox.rewrite(
+        prepared.workload, bundle, in_memory=bool(user is not None and user.uid)
+    )
+    prepared = dataclasses.replace(prepared, workload=workload)
+    sandbox.enter(bundle)()
+    return prepared, leaves, stdio
 
 
-def _take_stdio(message: Mapping[str, object], slave: int | None) -> None:
+def _open_stdio(message: Mapping[str, object]) -> tuple[int, int, int]:
+    """containerd's FIFOs (or /dev/null), opened now: they are not in the container's root."""
+    stdio = message.get("stdio")
+    paths = stdio if isinstance(stdio, dict) else {}
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        stdin = str(paths.get("stdin") or "")
+        if stdin:
+            fd_in = os.open(stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            os.set_blocking(fd_in, True)
+        else:
+            fd_in = os.dup(null)
+        out = []
+        for key in ("stdout", "stderr"):
+            path = str(paths.get(key) or "")
+            out.append(os.open(path, os.O_RDWR | os.O_CLOEXEC) if path else os.dup(null))
+    finally:
+        os.close(null)
+    return fd_in, out[0], out[1]
+
+
+def _take_stdio(stdio: tuple[int, int, int] | None, slave: int | None) -> None:
     """The container's stdio on fds 0-2: a terminal's slave, or containerd's FIFOs."""
     if slave is not None:
         import fcntl
@@ -359,20 +471,7 @@ def _take_stdio(message: Mapping[str, object], slave: int | None) -> None:
             os.dup2(slave, fd)
         os.close(slave)
         return
-    stdio = message.get("stdio")
-    paths = stdio if isinstance(stdio, dict) else {}
-    null = os.open(os.devnull, os.O_RDWR)
-    stdin = str(paths.get("stdin") or "")
-    if stdin:
-        fd = os.open(stdin, os.O_RDONLY | os.O_NONBLOCK)
-        os.set_blocking(fd, True)
-    else:
-        fd = os.dup(null)
-    os.dup2(fd, 0)
-    os.close(fd)
-    for target, key in ((1, "stdout"), (2, "stderr")):
-        path = str(paths.get(key) or "")
-        fd = os.open(path, os.O_RDWR) if path else os.dup(null)
+    assert stdio is not None
+    for target, fd in enumerate(stdio):
         os.dup2(fd, target)
         os.close(fd)
-    os.close(null)

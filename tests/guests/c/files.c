@@ -2,8 +2,12 @@
  *   files read PATH          print the file on stdout
  *   files write PATH TEXT    create/truncate PATH and write TEXT
  *   files list DIR           print the names in DIR, one per line (unsorted)
+ *   files readlink PATH      print the target of the symlink PATH
+ *   files mkdir PATH         create the directory PATH
  * Exits 0 on success; on failure prints "error: <strerror>" on stderr and exits 1. */
 #include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
@@ -42,6 +46,18 @@ int main(int argc, char **argv) {
             if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0) puts(e->d_name);
         }
         closedir(d);
+        return 0;
+    }
+    if (strcmp(cmd, "readlink") == 0) {
+        char buf[4096];
+        ssize_t n = readlink(path, buf, sizeof buf - 1);
+        if (n < 0) return fail(path);
+        buf[n] = 0;
+        puts(buf);
+        return 0;
+    }
+    if (strcmp(cmd, "mkdir") == 0) {
+        if (mkdir(path, 0755) != 0) return fail(path);
         return 0;
     }
     fprintf(stderr, "unknown command %s\n", cmd);
