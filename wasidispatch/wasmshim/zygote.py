@@ -306,7 +306,9 @@ def container_main(
         os.setsid()
         # the host's /proc is still mounted here: /proc/self is the pid the shim sees
         send(control, {"pid": int(os.readlink("/proc/self"))})
-        prepared, leaves, stdio = _prepare(message, executor, made, slave, bundle)
+        prepared, leaves, stdio = _prepare(
+            message, executor, made, slave, bundle, keep={control.fileno()}
+        )
         send(control, {"ready": True, "leaves": leaves, "made": made})
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -396,6 +398,7 @@ def _prepare(
     made: list[str],
     slave: int | None,
     bundle: object = None,
+    keep: set[int] | None = None,
 ) -> tuple[object, list[str], tuple[int, int, int] | None]:
     """Prepare the module, join the cgroup (``made`` gets every directory created), open
     the stdio (containerd's FIFOs are host paths), enter the sandbox and apply the process
@@ -435,6 +438,13 @@ def _prepare(
         prepared.workload, bundle, in_memory=bool(user is not None and user.uid)
     )
     prepared = dataclasses.replace(prepared, workload=workload)
+    # the zygote's descriptors (the cache's directories...) are the host's: only the
+    # control socket, the stdio and the module's artifact go in
+    held = {0, 1, 2, *(keep or ()), *(stdio or ()), *([slave] if slave is not None else [])}
+    artifact = str(workload.precompiled or "")
+    if artifact.startswith("/proc/self/fd/") and artifact[14:].isdigit():
+        held.add(int(artifact[14:]))
+    _close_all_but(held)
     sandbox.enter(bundle)()
     return prepared, leaves, stdio
 
