@@ -4,7 +4,10 @@ A private containerd with its CRI plugin (`tests.cri_harness.cri_containerd`: ou
 image as the sandbox image, handler ``runc`` = ``io.containerd.runc.v2``) runs one
 host-network pod whose busybox container writes a line to stdout and one to stderr and exits
 3, as a kubelet would drive it: the exit code and reason CRI reports, the CRI log file, the
-pod's cgroup parent and network namespace. After the pod is removed, nothing is left (no
+pod's cgroup parent and network namespace. A second pod's long-running container serves
+``ExecSync`` (environment, a read-only host mount, seccomp ``RuntimeDefault``),
+``ContainerStats``, ``UpdateContainerResources`` (its memory cgroup) and ``StopContainer``.
+After each pod is removed, nothing is left (no
 state dir, cgroup, process, mount, shim socket or FIFO directory), and after the daemon is
 stopped its directory is gone.
 """
@@ -100,4 +103,71 @@ def test_host_network_pod_runs_a_failing_busybox(node: CriContainerd, tmp_path: 
     assert cri.remove_pod(pod.id) == []
     assert cri.list_pod_sandbox() == []
     assert cri.list_containers() == []
+    assert node.settle() == EMPTY, node.log()
+
+
+def _memory_limit(cgroup: str) -> int:
+    """The memory limit of cgroup ``cgroup``: v1's ``memory.limit_in_bytes``, else v2's
+    ``memory.max``."""
+    relative = cgroup.lstrip("/")
+    v1 = Path("/sys/fs/cgroup/memory") / relative / "memory.limit_in_bytes"
+    if v1.exists():
+        return int(v1.read_text())
+    return int((Path("/sys/fs/cgroup") / relative / "memory.max").read_text())
+
+
+def test_exec_stats_update_and_stop_in_a_running_container(
+    node: CriContainerd, tmp_path: Path
+) -> None:
+    cri = node.client()
+    image = import_busybox(node, tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "marker").write_text("from the host\n")
+    parent = node.pod_cgroup("tools")
+    pod = cri.run_pod(
+        "tools", runtime_handler=RUNC_HANDLER, log_directory=tmp_path / "logs", cgroup_parent=parent
+    )
+    cid = cri.create_container(
+        pod.id,
+        pod.config,
+        "sleeper",
+        image,
+        ["sleep", "300"],
+        log_path="sleeper.log",
+        envs={"GREETING": "hej"},
+        mounts=[cri.mount(shared, "/shared", readonly=True)],
+        resources={"memory_limit_in_bytes": 64 << 20, "cpu_shares": 512},
+        seccomp="RuntimeDefault",
+    )
+    cri.start_container(cid)
+    running = cri.pb.ContainerState.Value("CONTAINER_RUNNING")
+    assert cri.container_status(cid).state == running
+
+    done = cri.exec_sync(
+        cid, ["sh", "-c", "echo $GREETING; cat /shared/marker; echo e >&2; exit 4"]
+    )
+    assert (done.stdout, done.stderr, done.exit_code) == (b"hej\nfrom the host\n", b"e\n", 4)
+    seccomp = cri.exec_sync(cid, ["sh", "-c", "grep Seccomp: /proc/self/status"]).stdout
+    assert seccomp.split() == [b"Seccomp:", b"2"]  # RuntimeDefault: a filter
+    refused = cri.exec_sync(cid, ["sh", "-c", "echo x > /shared/new"])
+    assert refused.exit_code != 0  # a readonly mount
+    assert not (shared / "new").exists()
+
+    stats = cri.container_stats(cid)
+    assert stats.attributes.id == cid
+    assert stats.memory.working_set_bytes.value > 0
+
+    assert _memory_limit(f"{parent}/{cid}") == 64 << 20
+    cri.update_container_resources(cid, {"memory_limit_in_bytes": 96 << 20})
+    assert _memory_limit(f"{parent}/{cid}") == 96 << 20
+    assert cri.container_status(cid).resources.linux.memory_limit_in_bytes == 96 << 20
+
+    cri.stop_container(cid, timeout=0)
+    stopped = cri.wait_exited(cid)
+    assert (stopped.exit_code, stopped.reason) == (137, "Error")  # SIGKILL
+    cri.remove_container(cid)
+    assert cri.list_containers(pod.id) == []
+
+    assert cri.remove_pod(pod.id) == []
     assert node.settle() == EMPTY, node.log()
