@@ -283,6 +283,12 @@ class CriClient:
         request = self.pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=verbose)
         return self.call("PodSandboxStatus", request)
 
+    def pod_info(self, pod_id: str) -> dict[str, Any]:
+        """The verbose ``PodSandboxStatus``'s ``info["info"]`` (containerd's JSON: the
+        sandbox's ``pid``, its config and OCI spec, the runtime...)."""
+        info: dict[str, Any] = json.loads(self.pod_sandbox_status(pod_id, True).info["info"])
+        return info
+
     def list_pod_sandbox(self) -> list[Any]:
         """Every pod sandbox (``PodSandbox`` messages)."""
         return list(self.call("ListPodSandbox", self.pb.ListPodSandboxRequest()).items)

@@ -7,14 +7,12 @@ host-network pod whose busybox container writes a line to stdout and one to stde
 pod's cgroup parent and network namespace. A second pod's long-running container serves
 ``ExecSync`` (environment, a read-only host mount, seccomp ``RuntimeDefault``),
 ``ContainerStats``, ``UpdateContainerResources`` (its memory cgroup) and ``StopContainer``.
-After each pod is removed, nothing is left (no
-state dir, cgroup, process, mount, shim socket or FIFO directory), and after the daemon is
-stopped its directory is gone.
+After each pod is removed nothing is left (no state dir, cgroup, process, mount, shim socket
+or FIFO directory), and after the daemon is stopped its directory is gone.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -61,6 +59,7 @@ def _net_ns(pid: int | str) -> str:
 
 
 def test_host_network_pod_runs_a_failing_busybox(node: CriContainerd, tmp_path: Path) -> None:
+    assert node.cri_plugin_error() is None
     cri = node.client()
     version = cri.version()
     assert (version.runtime_name, version.runtime_api_version) == ("containerd", "v1")
@@ -72,11 +71,10 @@ def test_host_network_pod_runs_a_failing_busybox(node: CriContainerd, tmp_path: 
     pod = cri.run_pod(
         "smoke", runtime_handler=RUNC_HANDLER, log_directory=logs, cgroup_parent=parent
     )
-    status = cri.pod_sandbox_status(pod.id, verbose=True)
-    assert cri.pb.PodSandboxState.Name(status.status.state) == "SANDBOX_READY"
-    assert status.status.runtime_handler == RUNC_HANDLER
-    sandbox_pid = json.loads(status.info["info"])["pid"]
-    assert _net_ns(sandbox_pid) == _net_ns("self")  # NamespaceOption network = NODE
+    status = cri.pod_sandbox_status(pod.id).status
+    assert cri.pb.PodSandboxState.Name(status.state) == "SANDBOX_READY"
+    assert status.runtime_handler == RUNC_HANDLER
+    assert _net_ns(cri.pod_info(pod.id)["pid"]) == _net_ns("self")  # NamespaceOption network = NODE
     assert any((group / pod.id).is_dir() for group in node.cgroups())
 
     cid = cri.create_container(
