@@ -180,12 +180,11 @@ def install(
     runtime_path = None if shim_path is None else os.fspath(shim_path)
     if runtime_path is not None and not os.path.isabs(runtime_path):
         raise SpecError(f"--shim-path must be absolute (containerd requires it): {runtime_path}")
-    warnings = _shim_warnings(runtime_path)
     st, original = _read(target)
     plan = _plan(original, name=name, runtime_path=runtime_path, path=target)
     notes = plan.notes
-    if plan.action != "already-installed":
-        warnings += _import_warnings(plan.text, target, plan.version)
+    warnings = _shim_warnings(runtime_path) + _containerd_warnings(plan.version)
+    warnings += _import_warnings(plan.text, target, plan.version)
     old_lines = [] if original is None else original.splitlines(keepends=True)
     diff = "".join(
         difflib.unified_diff(
@@ -373,11 +372,12 @@ def _existing(
             f"{RUNTIME_TYPE!r}: pass another --name, or edit that table by hand; nothing was "
             "changed"
         )
-    have = existing.get("runtime_path", "")
+    have = existing.get("runtime_path")
     if runtime_path is not None and have != runtime_path:
+        now = "without runtime_path" if have is None else f"with runtime_path = {have!r}"
         raise SpecError(
-            f"{path}: {table} is installed with runtime_path = {have!r}, not {runtime_path!r}: "
-            "edit it by hand; nothing was changed"
+            f"{path}: {table} is already installed {now}, not {runtime_path!r}: edit it by "
+            "hand; nothing was changed"
         )
     assert text is not None
     return _Plan(version, "already-installed", table, text, tuple(notes))
@@ -448,9 +448,10 @@ def _cgroup_notes(
         if isinstance(options, dict) and options.get("SystemdCgroup") is True:
             notes.append(
                 f"runtime {rname!r} uses the systemd cgroup driver (SystemdCgroup = true), so "
-                "the kubelet's cgroupDriver is presumably systemd; containerd passes runc "
-                "options only to runc runtime types, so the wasidispatch runtime does not get "
-                "this setting (see docs/kubernetes.md on cgroup drivers)"
+                "the kubelet's cgroupDriver is presumably systemd too; containerd hands an "
+                "options table's SystemdCgroup only to runc runtime types, so the wasidispatch "
+                "runtime cannot be given it: the shim runs its containers with the cgroupfs "
+                "driver (see docs/kubernetes.md)"
             )
     plugins = doc.get("plugins")
     cri = plugins.get(plugin) if isinstance(plugins, dict) else None
@@ -497,6 +498,31 @@ def _import_warnings(text: str, path: Path, version: int) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _containerd_warnings(version: int) -> tuple[str, ...]:
+    """A warning when the containerd on PATH does not read this config version's CRI
+    tables: containerd 1.x takes a version 3 file without a word and ignores its
+    ``io.containerd.cri.v1.*`` plugins."""
+    import subprocess
+
+    binary = shutil.which("containerd")
+    if binary is None or version < 3:
+        return ()
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    m = re.search(r"\sv?(\d+)\.(\d+)\.\d+", out)
+    if m is None or int(m.group(1)) >= 2:
+        return ()
+    return (
+        f"{binary} is containerd {m.group(1)}.{m.group(2)}, which ignores the CRI tables of a "
+        f"version {version} config (plugins.'io.containerd.cri.v1.runtime' is containerd 2.x): "
+        "it will not see the runtime; a version 2 config serves both",
+    )
+
+
 def _shim_warnings(runtime_path: str | None) -> tuple[str, ...]:
     """Warnings when containerd will likely not find the shim."""
     if runtime_path is not None:
@@ -525,10 +551,10 @@ def _shim_warnings(runtime_path: str | None) -> tuple[str, ...]:
     )
 
 
-def _backup(path: Path, data: bytes, st: os.stat_result) -> Path:
+def _backup(path: Path, data: bytes, st: os.stat_result, *, when: float | None = None) -> Path:
     """Copy the old config to ``NAME.bak-<UTC time>`` (a new file: an existing name, a
     planted symlink included, is skipped, never written through), with its mode and owner."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
     for n in range(100):
         backup = path.with_name(f"{path.name}.bak-{stamp}" + (f".{n}" if n else ""))
         try:
