@@ -483,3 +483,43 @@ def test_any_dns_label_installs_on_the_default_config(name: str) -> None:
         install(config, name=name)
         runtimes = _runtimes(tomllib.loads(config.read_text()), V2)
         assert runtimes[name] == {"runtime_type": RUNTIME_TYPE}
+
+
+def test_the_default_runtimes_name_is_refused_where_runc_is_written_out(tmp_path: Path) -> None:
+    config = _copy(tmp_path, "minimal-v2.toml")
+    with pytest.raises(SpecError, match="'runc' is the name of containerd's default runtime"):
+        install(config, name="runc")
+    assert config.read_bytes() == (DATA / "minimal-v2.toml").read_bytes()
+
+
+def test_a_runtime_table_without_runtime_type_is_a_conflict(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    text = f'version = 2\n[plugins."{V2}".containerd.runtimes.wasidispatch.options]\n  X = 1\n'
+    config.write_text(text)
+    with pytest.raises(SpecError, match="with no runtime_type, not"):
+        install(config)
+    assert config.read_text() == text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_a_read_only_directory_is_one_line_and_status_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "etc"
+    directory.mkdir()
+    config = directory / "config.toml"
+    shutil.copyfile(DATA / "minimal-v2.toml", config)
+    mounted = subprocess.run(["mount", "--bind", str(directory), str(directory)], check=False)
+    if mounted.returncode != 0:  # pragma: no cover - no mount privilege here
+        pytest.skip("cannot bind-mount")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(directory)], check=True)
+        assert _cli("install", "--config", str(config)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"wasidispatch node install: {config}: ")
+        assert "Read-only file system" in err
+        assert err.count("\n") == 1
+        assert sorted(p.name for p in directory.iterdir()) == ["config.toml"]
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+    assert config.read_bytes() == (DATA / "minimal-v2.toml").read_bytes()

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from wasidispatch._fs import create_new, read_regular, write_atomic
+from wasidispatch._fs import create_new, fsync_dir, read_regular, write_atomic
 from wasidispatch.errors import SpecError
 
 __all__ = [
@@ -185,6 +185,10 @@ def install(
     notes = plan.notes
     warnings = _shim_warnings(runtime_path) + _containerd_warnings(plan.version)
     warnings += _import_warnings(plan.text, target, plan.version)
+    if st is not None and st.st_nlink > 1 and plan.action != "already-installed":
+        warnings += (
+            f"{target} has {st.st_nlink} hard links: the edited file replaces this name only",
+        )
     old_lines = [] if original is None else original.splitlines(keepends=True)
     diff = "".join(
         difflib.unified_diff(
@@ -214,12 +218,17 @@ def install(
         except FileExistsError as exc:
             raise SpecError(f"{target} appeared while it was being created: run again") from exc
         _settle(target, 0o644, None)
+        fsync_dir(target.parent)
         return result
     assert original is not None
     if _read(target)[1] != original:
         raise SpecError(f"{target} changed while it was being edited: run again")
     backup = _backup(target, original.encode(), st)
-    write_atomic(target, data, mode=stat.S_IMODE(st.st_mode), durable=True)
+    try:
+        write_atomic(target, data, mode=stat.S_IMODE(st.st_mode), durable=True)
+    except BaseException:
+        backup.unlink()  # the config is untouched: no backup of it either
+        raise
     if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
         os.chown(target, st.st_uid, st.st_gid, follow_symlinks=False)
     return InstallResult(
@@ -308,6 +317,11 @@ def _plan(text: str | None, *, name: str, runtime_path: str | None, path: Path) 
     added: dict[str, dict[str, object]] = {}
     blocks: list[str] = []
     if runtimes is None:
+        if name == "runc":
+            raise SpecError(
+                f"{path}: 'runc' is the name of containerd's default runtime: pass another "
+                "--name; nothing was changed"
+            )
         added["runc"] = {"runtime_type": "io.containerd.runc.v2"}
         blocks.append(
             "# containerd's built-in runc runtime (the default), written out: a runtimes table\n"
@@ -358,7 +372,7 @@ def _existing(
     """The runtime ``name`` is already defined: nothing to do, or a refusal."""
     if not isinstance(existing, dict):
         raise SpecError(f"{path}: {table[1:-1]} is not a table; nothing was changed")
-    runtime_type = existing.get("runtime_type", "")
+    runtime_type = existing.get("runtime_type")
     if runtime_type != RUNTIME_TYPE:
         options = existing.get("options")
         binary = options.get("BinaryName", "") if isinstance(options, dict) else ""
@@ -367,10 +381,10 @@ def _existing(
             if isinstance(binary, str) and "wasidispatch-runc" in binary
             else ""
         )
+        now = "no runtime_type" if runtime_type is None else f"runtime_type = {runtime_type!r}"
         raise SpecError(
-            f"{path} already defines {table} with runtime_type = {runtime_type!r}{hint}, not "
-            f"{RUNTIME_TYPE!r}: pass another --name, or edit that table by hand; nothing was "
-            "changed"
+            f"{path} already defines {table} with {now}{hint}, not {RUNTIME_TYPE!r}: pass "
+            "another --name, or edit that table by hand; nothing was changed"
         )
     have = existing.get("runtime_path")
     if runtime_path is not None and have != runtime_path:

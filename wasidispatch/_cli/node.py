@@ -4,8 +4,8 @@
 containerd's config (see `wasidispatch.node.install`), then prints what changed, the backup,
 notes, and the next steps: restart containerd, label the node, apply the RuntimeClass (printed).
 ``--dry-run`` prints the diff and writes nothing. ``runtime-class`` prints only the
-RuntimeClass. Exit status 0 when the runtime is (or, dry, would be) installed; a refusal is
-one line on stderr and status 1, the file untouched.
+RuntimeClass. Exit status 0 when the runtime is (or, dry, would be) installed; a refusal
+(`SpecError`) or a failed write is one line on stderr and status 1, the file untouched.
 """
 
 from __future__ import annotations
@@ -78,7 +78,13 @@ def run(args: argparse.Namespace) -> int:
 def _install(args: argparse.Namespace) -> int:
     from wasidispatch.node import NODE_LABEL, RUNTIME_TYPE, install, runtime_class
 
-    result = install(args.config, name=args.name, dry_run=args.dry_run, shim_path=args.shim_path)
+    try:
+        result = install(
+            args.config, name=args.name, dry_run=args.dry_run, shim_path=args.shim_path
+        )
+    except OSError as exc:  # not root, a read-only /etc: one line, the file untouched
+        print(f"wasidispatch node install: {args.config}: {exc}", file=sys.stderr)
+        return 1
     for line in result.warnings:
         print(f"warning: {line}", file=sys.stderr)
     out = sys.stdout
