@@ -523,3 +523,35 @@ def test_a_read_only_directory_is_one_line_and_status_1(
     finally:
         subprocess.run(["umount", str(directory)], check=True)
     assert config.read_bytes() == (DATA / "minimal-v2.toml").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "runtimes",
+    [
+        f'[plugins."{V2}".containerd.runtimes]\n',  # empty: containerd 1.x is left without runc
+        f'[plugins."{V2}".containerd.runtimes.crun]\n  runtime_type = "io.containerd.runc.v2"\n',
+    ],
+)
+def test_a_runtimes_table_without_the_default_runc_gets_it(tmp_path: Path, runtimes: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("version = 2\n" + runtimes)
+    result = install(config)
+    assert any("built-in default runtime" in n for n in result.notes)
+    got = _runtimes(tomllib.loads(config.read_text()), V2)
+    assert got["runc"] == {"runtime_type": "io.containerd.runc.v2"}
+    assert got["wasidispatch"] == {"runtime_type": RUNTIME_TYPE}
+
+
+def test_another_default_runtime_is_not_written_out_but_noted(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'version = 2\n[plugins."{V2}".containerd]\n  default_runtime_name = "crun"\n'
+    )
+    result = install(config)
+    assert set(_runtimes(tomllib.loads(config.read_text()), V2)) == {"wasidispatch"}
+    assert any("default_runtime_name = 'crun' is not among" in n for n in result.notes)
+    ok = tmp_path / "ok.toml"
+    ok.write_text(
+        f'version = 2\n[plugins."{V2}".containerd]\n  default_runtime_name = "wasidispatch"\n'
+    )
+    assert install(ok).notes == ()  # the new runtime is the default: nothing missing

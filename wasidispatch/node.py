@@ -17,8 +17,9 @@ Where the runtime goes (facts from containerd's CRI config):
   ``[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.NAME]``
 
 A runtimes table in the file replaces containerd 1.x's built-in one (which holds only
-``runc``, the default runtime): when the file has none, ``runc`` is written out beside the new
-runtime, so pods without a RuntimeClass keep running.
+``runc``, the default runtime), and the CRI plugin does not load without its default runtime:
+when the file does not define ``runc`` (and it is the default), it is written out beside the
+new runtime, so pods without a RuntimeClass keep running.
 
 Stdlib only.
 """
@@ -316,7 +317,9 @@ def _plan(text: str | None, *, name: str, runtime_path: str | None, path: Path) 
         ours["runtime_path"] = runtime_path
     added: dict[str, dict[str, object]] = {}
     blocks: list[str] = []
-    if runtimes is None:
+    containerd = _walk(doc, keys[:3], path) or {}
+    default = containerd.get("default_runtime_name", "runc")
+    if default == "runc" and "runc" not in (runtimes or {}):
         if name == "runc":
             raise SpecError(
                 f"{path}: 'runc' is the name of containerd's default runtime: pass another "
@@ -330,8 +333,14 @@ def _plan(text: str | None, *, name: str, runtime_path: str | None, path: Path) 
             '  runtime_type = "io.containerd.runc.v2"\n'
         )
         notes.append(
-            f"also added [{prefix}.runc] (containerd's built-in default runtime, which a "
-            "runtimes table in the file would otherwise replace)"
+            f"also added [{prefix}.runc], containerd's built-in default runtime: a runtimes "
+            "table in the file replaces the built-in one (containerd 1.x), and the CRI plugin "
+            "does not load without its default runtime"
+        )
+    elif default != name and default not in (runtimes or {}):
+        notes.append(
+            f"default_runtime_name = {default!r} is not among the file's runtimes: containerd's "
+            "CRI plugin will not load until it is defined"
         )
     added[name] = ours
     lines = [f"# The wasidispatch runtime ({SHIM_BINARY}), added by 'wasidispatch node install'."]

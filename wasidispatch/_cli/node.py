@@ -11,6 +11,7 @@ RuntimeClass. Exit status 0 when the runtime is (or, dry, would be) installed; a
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 
@@ -110,7 +111,11 @@ def _install(args: argparse.Namespace) -> int:
     if result.changed:
         out.write(f"  {step}. restart containerd: systemctl restart containerd\n")
         step += 1
-    out.write(f"  {step}. label this node: kubectl label node <node> {NODE_LABEL}=true\n")
+    host = socket.gethostname().lower()  # the kubelet's default node name
+    out.write(
+        f"  {step}. label this node: kubectl label node <node> {NODE_LABEL}=true"
+        f"   (<node>: usually {host})\n"
+    )
     out.write(f"  {step + 1}. apply the RuntimeClass (kubectl apply -f -):\n\n")
     out.write(runtime_class(result.name))
     return 0
