@@ -14,7 +14,10 @@ builds it:
   the default action is skipped (libseccomp refuses it);
 * an entry's ``args`` are ANDed in one rule, except when two of them test the same argument
   index: then each condition is a rule of its own (so they are ORed), as runc does;
-* ``architectures`` are added to the native one; the filter syncs every thread of the process
+* ``architectures`` are added to the native one (an architecture of the other endianness,
+  which libseccomp cannot add, is skipped and listed in :attr:`Filter.skipped_architectures`:
+  this kernel never runs its syscalls, and a syscall of an architecture missing from the
+  filter is killed anyway; runc fails instead); the filter syncs every thread of the process
   (TSYNC, as libseccomp-golang always asks when the kernel has it); no_new_privs is left to the
   caller (``SCMP_FLTATR_CTL_NNP`` is 0): without it, loading needs CAP_SYS_ADMIN and fails
   with EACCES otherwise; ``flags`` LOG and SPEC_ALLOW set the matching filter attributes.
@@ -43,18 +46,18 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Mapping
-from typing import NamedTuple
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ctypes
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from typing import Any
+
+    Condition = tuple[int, int, int, int]  # (argument index, scmp_compare, datum_a, datum_b)
 
 __all__ = ["Filter", "compile", "load"]
 
-SONAME = "libseccomp.so.2"
+_SONAME = "libseccomp.so.2"
 _WHERE = "linux.seccomp"
 
 # libseccomp's action values (seccomp.h); ERRNO and TRACE carry 16 bits of data.
@@ -122,35 +125,53 @@ _NR_SCMP_ERROR = -1  # seccomp_syscall_resolve_name: unknown name
 # misbehaves with it on an empty filter).
 _OPTIMIZE_ABOVE = 32
 
-Condition = tuple[int, int, int, int]  # (argument index, scmp_compare, datum_a, datum_b)
+
+class _Rule:
+    """One libseccomp rule: a syscall name, its action and its ANDed conditions."""
+
+    __slots__ = ("action", "conditions", "name", "where")
+
+    def __init__(
+        self, name: str, action: int, conditions: tuple[Condition, ...], where: str
+    ) -> None:
+        self.name = name
+        self.action = action
+        self.conditions = conditions
+        self.where = where  # the entry's JSON path, for errors
 
 
-class _Rule(NamedTuple):
-    name: str
-    action: int
-    conditions: tuple[Condition, ...]
-    where: str
+class _Plan:
+    """A validated profile, in libseccomp's terms."""
 
+    __slots__ = ("arches", "default_action", "flags", "rules")
 
-class _Plan(NamedTuple):
-    default_action: int
-    arches: tuple[str, ...]
-    flags: frozenset[str]
-    rules: tuple[_Rule, ...]
+    def __init__(
+        self,
+        default_action: int,
+        arches: tuple[tuple[str, str], ...],  # (OCI name, libseccomp name)
+        flags: frozenset[str],
+        rules: tuple[_Rule, ...],
+    ) -> None:
+        self.default_action = default_action
+        self.arches = arches
+        self.flags = flags
+        self.rules = rules
 
 
 class Filter:
     """A built libseccomp filter, not loaded yet; :meth:`release` frees it (idempotent).
 
-    ``skipped`` lists the syscall names this libseccomp does not know, in profile order.
+    ``skipped`` lists the syscall names this libseccomp does not know, in profile order;
+    ``skipped_architectures`` the architectures it cannot add to a filter for this one.
     """
 
-    __slots__ = ("_ctx", "_lib", "skipped")
+    __slots__ = ("_ctx", "_lib", "skipped", "skipped_architectures")
 
-    def __init__(self, lib: _Lib, ctx: int, skipped: tuple[str, ...]) -> None:
+    def __init__(self, lib: _Lib, ctx: int) -> None:
         self._lib = lib
         self._ctx: int | None = ctx
-        self.skipped = skipped
+        self.skipped: tuple[str, ...] = ()
+        self.skipped_architectures: tuple[str, ...] = ()
 
     def load(self) -> None:
         """Install the filter in the calling process (every thread); irreversible.
@@ -209,6 +230,8 @@ def compile(profile: Mapping[str, object]) -> Filter:
 
 
 def _parse(profile: object) -> _Plan:
+    from collections.abc import Mapping
+
     if not isinstance(profile, Mapping):
         raise _spec_error(_WHERE, f"must be an object, not {type(profile).__name__}")
     if profile.get("defaultAction") is None:
@@ -219,11 +242,11 @@ def _parse(profile: object) -> _Plan:
         f"{_WHERE}.defaultAction",
         f"{_WHERE}.defaultErrnoRet",
     )
-    arches: list[str] = []
+    arches: dict[tuple[str, str], None] = {}
     for i, arch in enumerate(_list(profile.get("architectures"), f"{_WHERE}.architectures")):
         if not isinstance(arch, str) or arch not in _ARCHES:
             raise _spec_error(f"{_WHERE}.architectures[{i}]", f"unknown architecture {arch!r}")
-        arches.append(arch[len(_ARCH_PREFIX) :].lower())
+        arches[arch, arch[len(_ARCH_PREFIX) :].lower()] = None
     flags: set[str] = set()
     for i, flag in enumerate(_list(profile.get("flags"), f"{_WHERE}.flags")):
         if not isinstance(flag, str) or flag not in _FLAGS:
@@ -236,6 +259,8 @@ def _parse(profile: object) -> _Plan:
 
 
 def _entry_rules(entry: object, where: str) -> list[_Rule]:
+    from collections.abc import Mapping
+
     if not isinstance(entry, Mapping):
         raise _spec_error(where, f"must be an object, not {type(entry).__name__}")
     names = _list(entry.get("names"), f"{where}.names")
@@ -280,6 +305,8 @@ def _action(name: object, ret: object, where: str, ret_where: str) -> int:
 
 
 def _condition(arg: object, where: str) -> Condition:
+    from collections.abc import Mapping
+
     if not isinstance(arg, Mapping):
         raise _spec_error(where, f"must be an object, not {type(arg).__name__}")
     index = _uint(arg.get("index"), _MAX_ARGS - 1, f"{where}.index")
@@ -324,7 +351,7 @@ def _build(lib: _Lib, plan: _Plan) -> Filter:
             f"seccomp: libseccomp {lib.version} refused the default action"
             f" {plan.default_action:#x} (not supported by this kernel?)"
         )
-    built = Filter(lib, ctx, ())
+    built = Filter(lib, ctx)
     try:
         _set(lib, ctx, _FLTATR_CTL_NNP, 0, "no_new_privs off")
         rc = lib.attr_set(ctx, _FLTATR_CTL_TSYNC, 1)
@@ -338,13 +365,19 @@ def _build(lib: _Lib, plan: _Plan) -> Filter:
             _set(lib, ctx, _FLTATR_CTL_SSB, 1, _FLAG_SPEC_ALLOW)
         if len(plan.rules) > _OPTIMIZE_ABOVE:
             lib.attr_set(ctx, _FLTATR_CTL_OPTIMIZE, 2)  # a speed-up only: failure is fine
-        for arch in plan.arches:
+        skipped_arches = []
+        for oci_name, arch in plan.arches:
             token = lib.arch_resolve(arch)
             if not token:
-                raise ExecutorError(f"seccomp: libseccomp {lib.version} does not know {arch}")
+                raise ExecutorError(
+                    f"seccomp: libseccomp {lib.version} does not know {oci_name} ({arch})"
+                )
             rc = lib.arch_add(ctx, token)
-            if rc < 0 and -rc != errno.EEXIST:  # EEXIST: native, or listed twice
-                raise ExecutorError(f"seccomp: cannot add architecture {arch}: {_strerror(rc)}")
+            if -rc == errno.EDOM:  # the other endianness: not in one filter with the native
+                skipped_arches.append(oci_name)
+            elif rc < 0 and -rc != errno.EEXIST:  # EEXIST: the native one
+                raise ExecutorError(f"seccomp: cannot add {oci_name}: {_strerror(rc)}")
+        built.skipped_architectures = tuple(skipped_arches)
         built.skipped = _add_rules(lib, ctx, plan)
     except BaseException:
         built.release()
@@ -478,5 +511,5 @@ _LIB: _Lib | None = None  # a dlopen handle stays valid in a forked child
 def _library() -> _Lib:
     global _LIB
     if _LIB is None:
-        _LIB = _Lib(SONAME)
+        _LIB = _Lib(_SONAME)
     return _LIB
