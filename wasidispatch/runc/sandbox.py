@@ -2,8 +2,9 @@
 
 A Wasm guest reaches the host only through its engine's WASI preopens; the sandbox is the
 second wall, for an engine escape. The process that runs the guest calls `enter` once the
-engine is loaded and the module prepared (precompiled), and the `Finish` it returns just before the guest
-starts. Between them nothing of the host is left to it but its stdio and control socket:
+engine is loaded and the module prepared (precompiled), and the `Finish` it returns just
+before the guest starts. Between them nothing of the host is left to it but its stdio and
+control socket:
 
 - namespaces (`enter`): the spec's ``linux.namespaces`` with a ``path`` are joined (the pod's
   network, IPC and UTS namespaces, opened before anything changes), those without are new;
@@ -674,22 +675,36 @@ class Finish:
         _check(libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "keepcaps")
         _user(process)
         _check(libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0), "keepcaps")
-        header = (ctypes.c_uint32 * 2)(_CAP_V3, 0)
-        data = (ctypes.c_uint32 * 6)(
-            sets["effective"] & 0xFFFFFFFF,
-            sets["permitted"] & 0xFFFFFFFF,
-            sets["inheritable"] & 0xFFFFFFFF,
-            sets["effective"] >> 32,
-            sets["permitted"] >> 32,
-            sets["inheritable"] >> 32,
-        )
-        _check(libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+        _capset(sets["effective"], sets["permitted"], sets["inheritable"])
         _check(libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "ambient set")
         for number in range(last + 1):
             if sets["ambient"] >> number & 1:
                 _check(libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, number, 0, 0), "ambient")
+        # runc's process then executes its program, and the kernel recomputes the sets: a
+        # Wasm guest starts without an execve, so the same rule is applied here (no file
+        # capabilities): root keeps inheritable | bounding, any other user only the ambient
+        user = _obj(process.get("user") or {}, "process.user")
+        ambient = sets["ambient"] & sets["permitted"] & sets["inheritable"]
+        if user.get("uid", 0) == 0:
+            after = (sets["inheritable"] | sets["bounding"]) | ambient
+        else:
+            after = ambient
+        _capset(after, after, sets["inheritable"])
         if self.seccomp is not None and nnp:
             self.seccomp.load()
+
+
+def _capset(effective: int, permitted: int, inheritable: int) -> None:
+    header = (ctypes.c_uint32 * 2)(_CAP_V3, 0)
+    data = (ctypes.c_uint32 * 6)(
+        effective & 0xFFFFFFFF,
+        permitted & 0xFFFFFFFF,
+        inheritable & 0xFFFFFFFF,
+        effective >> 32,
+        permitted >> 32,
+        inheritable >> 32,
+    )
+    _check(_libc().capset(ctypes.byref(header), ctypes.byref(data)), "capset")
 
 
 def _rlim(value: int) -> int:

@@ -143,6 +143,7 @@ class WasmInstance:
         self.leaves: list[str] = []
         self._made: list[str] = []
         self._paused = False
+        self._oom = 0
 
     @property
     def pid(self) -> int:
@@ -337,14 +338,32 @@ class WasmInstance:
 
     @property
     def oom_events(self) -> int:
-        """How often the kernel's OOM killer struck in its memory cgroup."""
+        """How often the kernel's OOM killer struck in its memory cgroup, plus one when the
+        guest ran out of the memory its limit allows (the engine's cap, reported by the
+        container process as it exits: the Wasm form of the same event)."""
+        count = self._engine_oom()
         v1 = self._hierarchy_dir("memory")
         if v1 is not None:
-            return _read_keyed(os.path.join(v1, "memory.oom_control")).get("oom_kill", 0)
+            return count + _read_keyed(os.path.join(v1, "memory.oom_control")).get("oom_kill", 0)
         v2 = self._unified()
         if v2 is not None:
-            return _read_keyed(os.path.join(v2, "memory.events")).get("oom_kill", 0)
-        return 0
+            return count + _read_keyed(os.path.join(v2, "memory.events")).get("oom_kill", 0)
+        return count
+
+    def _engine_oom(self) -> int:
+        control = self._control
+        if control is not None:
+            with contextlib.suppress(OSError, ValueError):
+                control.setblocking(False)
+                while True:
+                    message, fds = receive(control)
+                    for fd in fds:
+                        os.close(fd)
+                    if message is None:
+                        break
+                    if message.get("oom"):
+                        self._oom = 1
+        return self._oom
 
     def stats(self) -> AnyMessage:
         """containerd's cgroups ``Metrics`` of the container (v1 on v1/hybrid hosts)."""

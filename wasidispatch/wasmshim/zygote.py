@@ -328,6 +328,9 @@ def container_main(
         cancel = _cancel_on_signals() if os.getpid() == 1 else None
         result = executor.run(prepared, cancel=cancel)  # type: ignore[arg-type]
         code = result.exit_code
+        if result.reason.value == "out-of-memory":  # the shim reports it as TaskOOM
+            with contextlib.suppress(OSError):
+                send(control, {"oom": True})
         signalled = cancel is not None and cancel.cancelled  # type: ignore[attr-defined]
         if result.message and not signalled:  # a signal's end is silent, as a process's is
             print(f"wasidispatch: {result.reason.value}: {result.message}", file=sys.stderr)
