@@ -106,6 +106,10 @@ _EXPORTS: dict[str, str] = {
     "pull": "wasidispatch.oci.registry",
     "push": "wasidispatch.oci.registry",
     "wasm_layers": "wasidispatch.oci.layout",
+    # node set-up (containerd's config)
+    "InstallResult": "wasidispatch.node",
+    "install_runtime": "wasidispatch.node",
+    "runtime_class": "wasidispatch.node",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -182,6 +186,7 @@ if TYPE_CHECKING:
         Platform,
     )
     from wasidispatch.oci.layout import ImageLayout, WasmLayer, pack_wasm, wasm_layers
+    from wasidispatch.node import InstallResult, install_runtime, runtime_class
     from wasidispatch.oci.registry import pull, push
     from wasidispatch.oci.runtime import Process, Spec
     from wasidispatch.oci.wasm import WasmConfig

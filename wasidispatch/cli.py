@@ -26,6 +26,7 @@ _SUBCOMMANDS: tuple[str, ...] = (
     "push",
     "cache",
     "engines",
+    "node",
 )
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "SHIM_BINARY",
     "InstallResult",
     "install",
+    "install_runtime",
     "runtime_class",
 ]
 
@@ -600,3 +601,7 @@ def _settle(path: Path, mode: int, owner: os.stat_result | None) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: `install` under the name ``wasidispatch`` re-exports it as.
+install_runtime = install
