@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
+import grpc  # type: ignore[import-untyped]
 import pytest
 
 from tests.containerd_harness import RUNC_RUNTIME, missing_grpc, missing_requirements, missing_shim

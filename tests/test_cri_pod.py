@@ -24,8 +24,9 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import grpc
+import grpc  # type: ignore[import-untyped]
 import pytest
 
 from tests.containerd_harness import missing_grpc, missing_requirements, missing_shim
@@ -291,7 +292,7 @@ def test_security_context_like_busybox(
     node: CriContainerd,
     images: dict[str, str],
     tmp_path: Path,
-    security: dict[str, object],
+    security: dict[str, Any],
 ) -> None:
     logs = tmp_path / "logs"
     pod = cri.run_pod(
