@@ -10,6 +10,7 @@ or a FIFO, is refused and the record dropped (runc would follow it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -60,8 +61,26 @@ class RuntimeLog:
             return json.dumps({"level": level, "msg": msg, "time": stamp}) + "\n"
         return f"time={json.dumps(stamp)} level={level} msg={json.dumps(msg)}\n"
 
+    def hold(self) -> int | None:
+        """Open the log now and write through that descriptor from here on (a container
+        process about to leave the host's file system); the fd, or ``None``."""
+        if self.path is None:
+            return None
+        from wasidispatch._fs import append_fd
+
+        try:
+            self._held = append_fd(self.path)
+        except OSError:
+            return None
+        return self._held
+
     def _write(self, level: str, msg: str) -> None:
         line = self._format(level, msg)
+        held = getattr(self, "_held", None)
+        if held is not None:
+            with contextlib.suppress(OSError):
+                os.write(held, line.encode())
+            return
         if self.path is None:
             try:
                 sys.stderr.write(line)

@@ -677,14 +677,15 @@ class Finish:
         _check(libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0), "keepcaps")
         _capset(sets["effective"], sets["permitted"], sets["inheritable"])
         _check(libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "ambient set")
+        # the kernel raises only what is permitted and inheritable; runc ignores the rest
+        ambient = sets["ambient"] & sets["permitted"] & sets["inheritable"]
         for number in range(last + 1):
-            if sets["ambient"] >> number & 1:
+            if ambient >> number & 1:
                 _check(libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, number, 0, 0), "ambient")
         # runc's process then executes its program, and the kernel recomputes the sets: a
         # Wasm guest starts without an execve, so the same rule is applied here (no file
         # capabilities): root keeps inheritable | bounding, any other user only the ambient
         user = _obj(process.get("user") or {}, "process.user")
-        ambient = sets["ambient"] & sets["permitted"] & sets["inheritable"]
         if user.get("uid", 0) == 0:
             after = (sets["inheritable"] | sets["bounding"]) | ambient
         else:

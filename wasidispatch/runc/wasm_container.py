@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
     from wasidispatch.detect import Detected
-    from wasidispatch.executor import Decision, WasmExecutor
+    from wasidispatch.executor import Decision, Prepared, WasmExecutor
     from wasidispatch.runc.spec import LeanBundle, LeanSpec
 
 __all__ = ["COMMANDS", "Plan", "create", "plan", "run"]
@@ -388,6 +388,12 @@ def _spawn(
     sys.stderr.flush()
     # No stop signal between the fork and the child's own dispositions: the child must never
     # run create's rollback, and the parent must know the pid before it can be interrupted.
+    if _sandboxed():
+        from wasidispatch.runc import sandbox
+
+        if sandbox.pid_namespace(sandbox._doc(spec)):
+            # the next fork is its init; this process itself stays where it is
+            sandbox._check(sandbox._libc().unshare(sandbox.CLONE_NEWPID), "a pid namespace")
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         pid = os.fork()
@@ -461,6 +467,42 @@ def _apply_process(spec: LeanSpec) -> None:
         os.setuid(user.uid)
 
 
+def _sandboxed() -> bool:
+    return os.environ.get("WASIDISPATCH_SANDBOX", "on") != "off"
+
+
+def _sandbox(
+    planned: Plan, prepared: Prepared, fifo: str, keep: set[int]
+) -> tuple[Prepared, int]:  # pragma: no cover - runs in the container process
+    """The container sandbox (`wasidispatch.runc.sandbox`), as the shim's Wasm containers
+    get it; returns the workload seen from the new root and an ``O_PATH`` fd of
+    ``exec.fifo``, reopened through ``/proc`` once sandboxed (runc does the same)."""
+    import dataclasses
+
+    from wasidispatch.runc import sandbox
+
+    bundle = planned.bundle
+    if not sandbox._mounts_proc(bundle):
+        raise RuntimeFailure(
+            "a sandboxed Wasm container needs /proc in its mounts (WASIDISPATCH_SANDBOX=off "
+            "runs it unsandboxed)"
+        )
+    user = bundle.spec.process.user if bundle.spec.process is not None else None
+    workload = sandbox.rewrite(
+        prepared.workload,
+        bundle,
+        in_memory=bool(user is not None and user.uid),
+    )
+    fifo_fd = os.open(fifo, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    held = {0, 1, 2, fifo_fd, *keep}
+    artifact = str(workload.precompiled or "")
+    if artifact.startswith("/proc/self/fd/") and artifact[14:].isdigit():
+        held.add(int(artifact[14:]))
+    _close_fds(held)
+    sandbox.enter(bundle)()
+    return dataclasses.replace(prepared, workload=workload), fifo_fd
+
+
 def _rlim(value: int) -> int:
     """An OCI (uint64) rlimit for `resource.setrlimit` (a C long): from 2**63 - 1 up, which
     includes Go's RLIM_INFINITY (2**64 - 1), it is infinity, as the kernel reads it."""
@@ -511,7 +553,17 @@ def _container_process(
         executor = _executor(log)
         prepared = executor.prepare(planned.bundle)  # map, pick the engine, precompile
         cgroups.join(made)
-        _apply_process(planned.bundle.spec)
+        fifo_fd = None
+        if _sandboxed():
+            from wasidispatch.wasmshim.zygote import _cancel_on_signals  # before the pivot
+
+            held = log.hold()
+            prepared, fifo_fd = _sandbox(
+                planned, prepared, fifo, keep | {ready, *([held] if held is not None else [])}
+            )
+            fifo = f"/proc/self/fd/{fifo_fd}"  # the state dir is not in the new root
+        else:
+            _apply_process(planned.bundle.spec)
         os.write(ready, b"ok")
         os.close(ready)
     except BaseException as exc:  # everything goes back to create, which logs it
@@ -522,14 +574,20 @@ def _container_process(
         finally:
             os._exit(1)
     try:
-        fd = os.open(fifo, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # blocks until `start`
+        flags = os.O_WRONLY | os.O_CLOEXEC | (0 if fifo_fd is not None else os.O_NOFOLLOW)
+        fd = os.open(fifo, flags)  # blocks until `start`
         os.write(fd, b"0")
         os.close(fd)
+        if fifo_fd is not None:
+            os.close(fifo_fd)
     except OSError:
         os._exit(1)
     code = 137
     try:
-        result = executor.run(prepared)
+        cancel = None
+        if os.getpid() == 1:  # its pid namespace's init: only caught signals reach it
+            cancel = _cancel_on_signals()
+        result = executor.run(prepared, cancel=cancel)  # type: ignore[arg-type]
         code = result.exit_code
         if result.message:
             log.warning(f"container {inv.args[0]}: {result.reason.value}: {result.message}")
