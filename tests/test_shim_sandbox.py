@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.containerd_harness import (
+    RUNC_CMD,
     RUNC_RUNTIME,
     SHIM_RUNTIME,
     PrivateContainerd,
@@ -92,12 +93,17 @@ def images(containerd: PrivateContainerd, secret: tuple[Path, str]) -> dict[str,
 
 
 def _ctr(
-    d: PrivateContainerd, image: str, runtime: str, *args: str, flags: tuple[str, ...] = ()
+    d: PrivateContainerd,
+    image: str,
+    runtime: str,
+    *args: str,
+    flags: tuple[str, ...] = (),
+    binary: str | None = None,
 ) -> tuple[int, str, str]:
     import subprocess
 
     cid = f"s{uuid.uuid4().hex[:10]}"
-    argv = d.run_argv(image, cid, *args, runtime_type=runtime)
+    argv = d.run_argv(image, cid, *args, runtime_type=runtime, runtime=binary)
     at = argv.index("run") + 1
     argv[at:at] = list(flags)
     out = subprocess.run(
@@ -149,6 +155,36 @@ def test_process_status_matches_runc(
         assert ours["Seccomp"] == "2"
     if "--cap-drop" in flags:
         assert ours["CapEff"] == ours["CapBnd"] == "0000000000000000"
+
+
+def test_wasidispatch_runc_sandboxes_too(
+    containerd: PrivateContainerd, images: dict[str, str]
+) -> None:
+    """The same sandbox for a Wasm container of ``wasidispatch-runc`` under runc.v2."""
+    flags = ("--seccomp",)
+    code, wasm, err = _ctr(
+        containerd,
+        images["wasm"],
+        RUNC_RUNTIME,
+        "/files.wasm",
+        "read",
+        "/proc/self/status",
+        flags=flags,
+        binary=str(RUNC_CMD),
+    )
+    assert code == 0, err + containerd.log()
+    code, linux, err = _ctr(
+        containerd, images["linux"], RUNC_RUNTIME, "cat", "/proc/self/status", flags=flags
+    )
+    assert code == 0, err
+    assert _status(wasm) == _status(linux)
+    assert _status(wasm)["Seccomp"] == "2"
+    code, procs, err = _ctr(
+        containerd, images["wasm"], RUNC_RUNTIME, "/files.wasm", "list", "/proc",
+        binary=str(RUNC_CMD),
+    )  # fmt: skip
+    assert code == 0, err
+    assert [name for name in procs.split() if name.isdigit()] == ["1"]
 
 
 def _ns(d: PrivateContainerd, image: str, flags: tuple[str, ...] = ()) -> dict[str, str]:
