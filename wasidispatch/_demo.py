@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.cri_harness import CriClient, CriContainerd
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "docs" / "examples"
@@ -211,12 +216,212 @@ def containerd_demo(workdir: Path = DEMO_DIR) -> int:
     return 1 if failed else 0
 
 
+_WASM_REF = "localhost/wasidispatch-demo/app:demo"
+_CREATE_LINE = re.compile(r"wasidispatch\.shim: create ([0-9a-f]+): (wasm|linux) \((.*)\)$")
+_SERVING_LINE = re.compile(r"wasidispatch\.shim: shim \S+ serving on \S+ \(pid (\d+)\)$")
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rpartition(")")[2].split()[1])
+
+
+def cri_demo(workdir: Path = DEMO_DIR) -> int:
+    """A Kubernetes-style pod through containerd's CRI plugin and our shim (root only; in a
+    repository checkout, with grpcio and grpcio-tools): a Wasm app, a Wasm writer and a
+    busybox sidecar that ships what the writer puts in a shared host directory.
+
+    Per container it prints the shim's own decision (its ``create ID: wasm|linux (why)``
+    line, which reaches containerd's debug log), the CRI log, the exit code and reason from
+    ``ContainerStatus`` and the timings; then that one shim process served the pod, and
+    what was left after ``StopPodSandbox`` and ``RemovePodSandbox``.
+    """
+    import tempfile
+
+    if os.geteuid() != 0:
+        print("== CRI pod: skipped (needs root: containerd, runc and cgroups)")
+        return 0
+    try:
+        from tests import containerd_harness as h
+        from tests import cri_harness as c
+        from tests.guests import build_c
+    except ImportError:
+        print("== CRI pod: skipped (run make demo in the repository: tests/ is needed)")
+        return 0
+    missing = h.missing_requirements() or h.missing_shim()
+    if missing is not None:
+        print(f"== CRI pod: skipped ({missing})")
+        return 0
+    if h.missing_grpc() is not None:
+        print(f"== CRI pod: skipped ({h.missing_grpc()}; `make test` installs them)")
+        return 0
+
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="wasidispatch-demo-cri-") as scratch:
+        tmp = Path(scratch)
+        shared, logs = tmp / "shared", tmp / "logs"
+        shared.mkdir()
+        daemon: c.CriContainerd | None = None
+        try:
+            with c.cri_containerd(tmp, debug=True) as daemon:
+                cri = daemon.client()
+                version = cri.version()
+                print(
+                    f"== CRI: a private {version.runtime_name} {version.runtime_version}"
+                    f" (CRI {version.runtime_api_version}), runtime handler {c.SHIM_HANDLER!r}"
+                    f" = {h.SHIM_RUNTIME}"
+                )
+                wasm_files = {
+                    "app.wasm": _build_wasm_app(workdir).read_bytes(),
+                    "files.wasm": build_c("files").read_bytes(),
+                    "etc/greeting.txt": b"app: hello from C compiled to wasm32-wasi, via CRI\n",
+                }
+                wasm = c.import_wasm(daemon, tmp / "wasm", wasm_files, "/app.wasm", _WASM_REF)
+                busybox = c.import_busybox(daemon, tmp / "busybox")
+                print(
+                    f"   images (built here, not pulled): {wasm} (app.wasm, files.wasm), {busybox}"
+                )
+                failed += _cri_pod(daemon, cri, wasm, busybox, shared, logs)
+            gone = not daemon.base.exists() and daemon.processes() == []
+            print(f"containerd stopped, its directory removed: {'yes' if gone else 'NO'}")
+            failed += not gone
+        except Exception as exc:
+            log = daemon.log() if daemon is not None else ""
+            print(f"== CRI demo failed: {type(exc).__name__}: {exc}\n{log}")
+            failed += 1
+    return 1 if failed else 0
+
+
+def _cri_pod(
+    daemon: CriContainerd, cri: CriClient, wasm: str, busybox: str, shared: Path, logs: Path
+) -> int:
+    """`cri_demo`'s pod, on a started `tests.cri_harness.CriContainerd`; the count of
+    things that went wrong."""
+    import time
+
+    from tests import cri_harness as c
+
+    t0 = time.perf_counter()
+    pod = cri.run_pod(
+        "demo-pod",
+        runtime_handler=c.SHIM_HANDLER,
+        log_directory=logs,
+        cgroup_parent=daemon.pod_cgroup("demo-pod"),
+    )
+    run_ms = (time.perf_counter() - t0) * 1000
+    pause = int(cri.pod_info(pod.id)["pid"])
+    shim = _ppid(pause)
+    print(f"   RunPodSandbox demo-pod: {run_ms:.0f} ms (pause pid {pause}, its parent {shim})")
+    volume = [cri.mount(shared, "/shared")]
+    # the logging-sidecar pattern: the Wasm writer fills a file of a shared host directory,
+    # the Linux sidecar ships it to its own stdout (the CRI log); it waits for the last line
+    sidecar_sh = (
+        "until grep -qx 'writer: done' /shared/app.log 2>/dev/null; do sleep 0.02; done;"
+        " echo 'sidecar: shipping /shared/app.log (busybox in runc)';"
+        " sed 's/^/sidecar: | /' /shared/app.log"
+    )
+    specs = (
+        ("sidecar", busybox, ["sh", "-c", sidecar_sh]),
+        ("app", wasm, ["/app.wasm", "--greet"]),
+        (
+            "writer",
+            wasm,
+            [
+                "/files.wasm",
+                "write",
+                "/shared/app.log",
+                "writer: line 1 from Wasm\nwriter: line 2 from Wasm\nwriter: done\n",
+            ],
+        ),
+    )
+    rows: dict[str, dict[str, Any]] = {}
+    parents: dict[str, int] = {}
+    for name, image, command in specs:
+        t0 = time.perf_counter()
+        cid = cri.create_container(
+            pod.id,
+            pod.config,
+            name,
+            image,
+            command,
+            mounts=volume,
+            envs={"POD_NAME": "demo-pod"},
+            log_path=f"{name}.log",
+        )
+        create_ms = (time.perf_counter() - t0) * 1000
+        started_ns = time.time_ns()
+        t0 = time.perf_counter()
+        cri.start_container(cid)
+        start_ms = (time.perf_counter() - t0) * 1000
+        if name == "sidecar":  # it runs until the writer is done: its parent can be seen
+            parents[name] = _ppid(int(cri.container_info(cid)["pid"]))
+        rows[name] = {"id": cid, "create": create_ms, "start": start_ms, "t0": started_ns}
+    for name in ("app", "writer", "sidecar"):  # the sidecar ends after the writer
+        rows[name]["status"] = cri.wait_exited(rows[name]["id"], timeout=30)
+    # the shim's own log lines (containerd at debug level passes them on): its decisions
+    # and one "serving on" line per shim daemon started
+    log = (daemon.base / "containerd.log").read_text(errors="replace").splitlines()
+    decisions = {m[1]: (m[2], m[3]) for m in map(_CREATE_LINE.search, log) if m}
+    serving = [int(m[1]) for m in map(_SERVING_LINE.search, log) if m]
+    state = daemon.base / "state" / "io.containerd.runtime.v2.task" / c.CRI_NAMESPACE
+    pause_kind, pause_why = decisions.get(pod.id, ("?", "no 'create' line of the shim"))
+    print(f"   the pause container: {pause_kind} ({pause_why})\n")
+    failed = 0
+    for name, row in rows.items():
+        cid, status = row["id"], row["status"]
+        kind, why = decisions.get(cid, ("?", "no 'create' line of the shim in containerd's log"))
+        why = why.replace(f"{state}/{cid}/rootfs", "<rootfs>")
+        print(f"== {name} ({cid[:12]}): {kind} ({why})")
+        print(f"-- output (CRI log {name}.log):")
+        lines = c.read_log(logs / f"{name}.log")
+        for line in lines:
+            print(f"   {line.stream}: {line.text}")
+        if not lines:
+            print("   (none: it wrote to /shared/app.log)" if name == "writer" else "   (none)")
+        # finished_at is the shim's exit timestamp; StartContainer may return after it
+        to_exit = (status.finished_at - row["t0"]) / 1e6
+        print(
+            f"-- exit code {status.exit_code}, reason {status.reason}; CreateContainer"
+            f" {row['create']:.0f} ms, StartContainer->exit {to_exit:.0f} ms"
+            f" (the StartContainer call {row['start']:.0f} ms)"
+            f"{'; it waits for the writer' if name == 'sidecar' else ''}\n"
+        )
+        failed += status.exit_code != 0
+        row["kind"], row["exit"], row["to_exit"] = kind, status.exit_code, to_exit
+    print(f"{'container':<10} {'runs as':<8} {'exit':>4} {'create ms':>9} {'start->exit ms':>14}")
+    for name, row in rows.items():
+        print(
+            f"{name:<10} {row['kind']:<8} {row['exit']:>4} {row['create']:>9.0f}"
+            f" {row['to_exit']:>14.0f}"
+        )
+    one = serving == [shim] and set(parents.values()) == {shim}
+    print(
+        f"\none shim process for the pod: {'yes' if one else 'NO'} (pid {shim}; shim"
+        f" daemons started: {serving}; parent of the pause and of the sidecar:"
+        f" {sorted({shim, *parents.values()})})"
+    )
+    failed += not one
+    t0 = time.perf_counter()
+    left_cgroups = cri.remove_pod(pod.id)
+    remove_ms = (time.perf_counter() - t0) * 1000
+    left = daemon.settle()
+    nothing = not left_cgroups and not any(left.values()) and cri.list_pod_sandbox() == []
+    print(
+        f"StopPodSandbox + RemovePodSandbox: {remove_ms:.0f} ms; left behind:"
+        f" {'nothing (no process, mount, cgroup, socket, FIFO or state)' if nothing else left}"
+    )
+    failed += not nothing
+    return failed
+
+
 def main() -> int:
     """``make demo``: the pod (Wasm app, Linux sidecar, Wasm component) dispatched and run,
     the same pod through containerd and the shim (as root), then the detection table."""
     status = pod_demo()
     print()
     status = status or containerd_demo()
+    print()
+    status = status or cri_demo()
     print()
     return status or detect_demo()
 
