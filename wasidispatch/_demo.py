@@ -261,7 +261,6 @@ def cri_demo(workdir: Path = DEMO_DIR) -> int:
         tmp = Path(scratch)
         shared, logs = tmp / "shared", tmp / "logs"
         shared.mkdir()
-        daemon: c.CriContainerd | None = None
         try:
             with c.cri_containerd(tmp, debug=True) as daemon:
                 cri = daemon.client()
@@ -281,13 +280,16 @@ def cri_demo(workdir: Path = DEMO_DIR) -> int:
                 print(
                     f"   images (built here, not pulled): {wasm} (app.wasm, files.wasm), {busybox}"
                 )
-                failed += _cri_pod(daemon, cri, wasm, busybox, shared, logs)
+                try:
+                    failed += _cri_pod(daemon, cri, wasm, busybox, shared, logs)
+                except Exception as exc:  # containerd's log goes with its directory
+                    print(f"== CRI demo failed: {type(exc).__name__}: {exc}\n{daemon.log()}")
+                    failed += 1
             gone = not daemon.base.exists() and daemon.processes() == []
             print(f"containerd stopped, its directory removed: {'yes' if gone else 'NO'}")
             failed += not gone
         except Exception as exc:
-            log = daemon.log() if daemon is not None else ""
-            print(f"== CRI demo failed: {type(exc).__name__}: {exc}\n{log}")
+            print(f"== CRI demo failed: {type(exc).__name__}: {exc}")
             failed += 1
     return 1 if failed else 0
 
@@ -316,7 +318,9 @@ def _cri_pod(
     # the logging-sidecar pattern: the Wasm writer fills a file of a shared host directory,
     # the Linux sidecar ships it to its own stdout (the CRI log); it waits for the last line
     sidecar_sh = (
-        "until grep -qx 'writer: done' /shared/app.log 2>/dev/null; do sleep 0.02; done;"
+        "i=0; until grep -qx 'writer: done' /shared/app.log 2>/dev/null; do"
+        " i=$((i+1)); [ $i -lt 1500 ] || { echo 'sidecar: the writer never finished' >&2;"
+        " exit 1; }; sleep 0.02; done;"
         " echo 'sidecar: shipping /shared/app.log (busybox in runc)';"
         " sed 's/^/sidecar: | /' /shared/app.log"
     )
@@ -360,8 +364,14 @@ def _cri_pod(
         rows[name]["status"] = cri.wait_exited(rows[name]["id"], timeout=30)
     # the shim's own log lines (containerd at debug level passes them on): its decisions
     # and one "serving on" line per shim daemon started
-    log = (daemon.base / "containerd.log").read_text(errors="replace").splitlines()
-    decisions = {m[1]: (m[2], m[3]) for m in map(_CREATE_LINE.search, log) if m}
+    wanted = {pod.id, *(row["id"] for row in rows.values())}
+    deadline = time.monotonic() + 5  # the shim's log reaches containerd through a FIFO
+    while True:
+        log = (daemon.base / "containerd.log").read_text(errors="replace").splitlines()
+        decisions = {m[1]: (m[2], m[3]) for m in map(_CREATE_LINE.search, log) if m}
+        if wanted <= decisions.keys() or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     serving = [int(m[1]) for m in map(_SERVING_LINE.search, log) if m]
     state = daemon.base / "state" / "io.containerd.runtime.v2.task" / c.CRI_NAMESPACE
     pause_kind, pause_why = decisions.get(pod.id, ("?", "no 'create' line of the shim"))
@@ -371,7 +381,10 @@ def _cri_pod(
         cid, status = row["id"], row["status"]
         kind, why = decisions.get(cid, ("?", "no 'create' line of the shim in containerd's log"))
         why = why.replace(f"{state}/{cid}/rootfs", "<rootfs>")
-        print(f"== {name} ({cid[:12]}): {kind} ({why})")
+        expected = "linux" if name == "sidecar" else "wasm"
+        wrong = "" if kind == expected else f" (NOT {expected}, as expected)"
+        print(f"== {name} ({cid[:12]}): {kind}{wrong} ({why})")
+        failed += bool(wrong)
         print(f"-- output (CRI log {name}.log):")
         lines = c.read_log(logs / f"{name}.log")
         for line in lines:
@@ -416,7 +429,8 @@ def _cri_pod(
 
 def main() -> int:
     """``make demo``: the pod (Wasm app, Linux sidecar, Wasm component) dispatched and run,
-    the same pod through containerd and the shim (as root), then the detection table."""
+    the same pod through containerd and the shim, then a pod through containerd's CRI (both
+    as root), then the detection table."""
     status = pod_demo()
     print()
     status = status or containerd_demo()
