@@ -475,16 +475,20 @@ def _filesystem(bundle: LeanBundle, doc: Mapping[str, Any]) -> None:
         for flag in propagations:
             _mount(None, target, None, flag, None, f"propagation of {destination}")
     _devices(rootfs, linux, made_dev=dev_is_tmpfs)
-    for path in _names(linux, "maskedPaths", "linux"):
-        _mask(rootfs, path)
-    for path in _names(linux, "readonlyPaths", "linux"):
-        _readonly(rootfs, path)
+    masked = _names(linux, "maskedPaths", "linux")
+    readonly = _names(linux, "readonlyPaths", "linux")
+    sysctls = _obj(linux.get("sysctl") or {}, "linux.sysctl")
     _pivot(rootfs)
+    # in runc's order: sysctls before /proc/sys turns read-only, the root last
+    for key, value in sysctls.items():
+        _sysctl(str(key), value)
+    for path in masked:
+        _mask("/", path)
+    for path in readonly:
+        _readonly("/", path)
     root = _obj(doc.get("root") or {}, "root")
     if root.get("readonly") is True:
         _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY, None, "read-only root")
-    for key, value in _obj(linux.get("sysctl") or {}, "linux.sysctl").items():
-        _sysctl(str(key), value)
 
 
 def _bind(bundle: LeanBundle, source: str | None, target: str, rootfs: str, flags: int,
@@ -567,7 +571,7 @@ def _mask(rootfs: str, path: str) -> None:
     if stat.S_ISDIR(st.st_mode):
         _mount("tmpfs", target, "tmpfs", MS_RDONLY, None, f"masking {path}")
     else:
-        _mount("/dev/null", target, None, MS_BIND, None, f"masking {path}")
+        _mount("/dev/null", target, None, MS_BIND, None, f"masking {path}")  # the container's
 
 
 def _readonly(rootfs: str, path: str) -> None:
