@@ -7,13 +7,17 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 
 # Debian packages the tests and the demo use (installed when missing and we are root).
 DEBS := runc crun busybox-static clang lld wasi-libc libclang-rt-14-dev-wasm32 skopeo \
-        docker-registry containerd libmagic1
+        docker-registry containerd libmagic1 gcc libc6-dev libseccomp2
 
 .PHONY: demo test lint typecheck pytest bench system-deps fixtures clean
 
 $(VENV)/.stamp-base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -e '.[all]'
+	touch $@
+
+$(VENV)/.stamp-demo: pyproject.toml $(VENV)/.stamp-base
+	$(PIP) install -e '.[demo]'
 	touch $@
 
 $(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-base
@@ -31,7 +35,7 @@ system-deps:
 	  else echo "warning: missing Debian packages (not root):$$missing" >&2; fi; \
 	fi
 
-demo: system-deps $(VENV)/.stamp-base
+demo: system-deps $(VENV)/.stamp-demo
 	$(PY) -m wasidispatch._demo
 
 lint: $(VENV)/.stamp-test
