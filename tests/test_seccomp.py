@@ -643,3 +643,29 @@ def test_an_architecture_unknown_to_libseccomp_is_an_executor_error() -> None:
         ExecutorError, match=rf"libseccomp {lib.version} does not know SCMP_ARCH_LOONGARCH64"
     ):
         _seccomp.compile(profile)
+
+
+def test_an_exported_program_filters_as_the_filter_does(tmp_path: Path) -> None:
+    """`program` builds the BPF once (in the parent: a zygote) and the child loads it with
+    one seccomp(2) call: the same answers as `load`, the same Seccomp field."""
+    profile = json.loads(DEFAULT_LIKE.read_text())
+    built = _seccomp.program(profile)
+    assert _seccomp.program(json.loads(DEFAULT_LIKE.read_text())) is built  # remembered
+    assert len(built.bpf) % 8 == 0
+    assert built.flags & 1  # TSYNC, as libseccomp asks
+
+    def body() -> dict[str, object]:
+        built.load()
+        return {
+            "mkdir": errno_of(lambda: os.mkdir(tmp_path / "d")),
+            "chroot": errno_of(lambda: os.chroot(tmp_path)),
+            "seccomp": seccomp_mode(),
+        }
+
+    assert child_value(body) == {"mkdir": 0, "chroot": errno.EPERM, "seccomp": 2}
+    deny = _seccomp.program(allow_but(MKDIR, "SCMP_ACT_ERRNO", errnoRet=errno.EXDEV))
+    assert child_value(lambda: (deny.load(), errno_of(lambda: os.mkdir(tmp_path / "e")))[1]) == (
+        errno.EXDEV
+    )
+    with pytest.raises(SpecError):
+        _seccomp.program({"defaultAction": "SCMP_ACT_NOPE"})

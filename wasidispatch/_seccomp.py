@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
     Condition = tuple[int, int, int, int]  # (argument index, scmp_compare, datum_a, datum_b)
 
-__all__ = ["Filter", "compile", "load"]
+__all__ = ["Filter", "Program", "compile", "load", "program"]
 
 _SONAME = "libseccomp.so.2"
 _WHERE = "linux.seccomp"
@@ -101,6 +101,13 @@ _FLTATR_CTL_LOG = 6
 _FLTATR_CTL_SSB = 7
 _FLTATR_CTL_OPTIMIZE = 8
 _FLTATR_API_SYSRAWRC = 9
+
+# seccomp(2): SECCOMP_SET_MODE_FILTER and its flags; the syscall's number per machine
+_SET_MODE_FILTER = 1
+_KERNEL_TSYNC, _KERNEL_LOG, _KERNEL_SPEC_ALLOW = 1, 2, 4
+_NR_SECCOMP = {"x86_64": 317, "aarch64": 277, "i386": 354, "i686": 354, "armv7l": 383,
+               "ppc64le": 358, "s390x": 348, "riscv64": 277, "loongarch64": 277}  # fmt: skip
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 
 _FLAG_TSYNC = "SECCOMP_FILTER_FLAG_TSYNC"
 _FLAG_LOG = "SECCOMP_FILTER_FLAG_LOG"
@@ -165,11 +172,12 @@ class Filter:
     ``skipped_architectures`` the architectures it cannot add to a filter for this one.
     """
 
-    __slots__ = ("_ctx", "_lib", "skipped", "skipped_architectures")
+    __slots__ = ("_ctx", "_lib", "flags", "skipped", "skipped_architectures")
 
     def __init__(self, lib: _Lib, ctx: int) -> None:
         self._lib = lib
         self._ctx: int | None = ctx
+        self.flags = 0  # seccomp(2)'s SECCOMP_FILTER_FLAG_* for this filter
         self.skipped: tuple[str, ...] = ()
         self.skipped_architectures: tuple[str, ...] = ()
 
@@ -192,6 +200,25 @@ class Filter:
                 hint = ": another thread could not be synchronized to the filter"
             raise ExecutorError(f"seccomp: loading the filter failed: {_strerror(rc)}{hint}")
 
+    def export(self) -> Program:
+        """The filter as the kernel's BPF program and ``seccomp(2)`` flags: a `Program`
+        loads without libseccomp, in a few microseconds (libseccomp generates the program on
+        every :meth:`load`, which for a default profile costs milliseconds)."""
+        from wasidispatch.errors import ExecutorError
+
+        if self._ctx is None:
+            raise ExecutorError("seccomp: this filter was released")
+        fd = os.memfd_create("seccomp-bpf", os.MFD_CLOEXEC)
+        try:
+            rc = self._lib.export_bpf(self._ctx, fd)
+            if rc < 0:
+                raise ExecutorError(f"seccomp: exporting the filter failed: {_strerror(rc)}")
+            size = os.lseek(fd, 0, os.SEEK_END)
+            bpf = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+        return Program(bpf, self.flags)
+
     def release(self) -> None:
         """Free libseccomp's filter context (a loaded filter stays in force)."""
         ctx, self._ctx = self._ctx, None
@@ -206,6 +233,84 @@ class Filter:
 
     def __del__(self) -> None:
         self.release()
+
+
+class Program:
+    """A filter as the kernel takes it: ``bpf`` (``struct sock_filter`` instructions, as
+    libseccomp exports them) and ``flags`` (``SECCOMP_FILTER_FLAG_*``). Plain bytes: it
+    survives a fork and loads with one ``seccomp(2)`` call."""
+
+    __slots__ = ("bpf", "flags")
+
+    def __init__(self, bpf: bytes, flags: int) -> None:
+        if not bpf or len(bpf) % 8:
+            from wasidispatch.errors import ExecutorError
+
+            raise ExecutorError("seccomp: not a BPF program")
+        self.bpf = bpf
+        self.flags = flags
+
+    def load(self) -> None:
+        """Install it in the calling process (every thread with TSYNC); irreversible. Needs
+        no_new_privs or CAP_SYS_ADMIN, as `Filter.load`."""
+        import ctypes
+        import platform
+
+        from wasidispatch.errors import ExecutorError
+
+        class SockFprog(ctypes.Structure):
+            _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_char_p))
+
+        prog = SockFprog(len(self.bpf) // 8, self.bpf)
+        libc = ctypes.CDLL(None, use_errno=True)
+        number = _NR_SECCOMP.get(platform.machine())
+        if number is not None:
+            libc.syscall.restype = ctypes.c_long
+            rc = libc.syscall(
+                ctypes.c_long(number),
+                ctypes.c_uint(_SET_MODE_FILTER),
+                ctypes.c_uint(self.flags),
+                ctypes.byref(prog),
+            )
+        else:  # no flags through prctl: TSYNC, LOG and SPEC_ALLOW need seccomp(2)
+            if self.flags & ~_KERNEL_TSYNC:
+                raise ExecutorError(f"seccomp: seccomp(2) unknown on {platform.machine()}")
+            rc = libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0)
+        if rc != 0:
+            code = ctypes.get_errno()
+            hint = ""
+            if code == errno.EACCES:
+                hint = ": without no_new_privs, loading a filter needs CAP_SYS_ADMIN"
+            raise ExecutorError(f"seccomp: loading the filter failed: {os.strerror(code)}{hint}")
+
+
+_PROGRAMS: dict[str, Program] = {}
+_PROGRAMS_KEPT = 16
+
+
+def program(profile: Mapping[str, object]) -> Program:
+    """`compile` then `Filter.export`, remembered per profile (the last 16): a process that
+    forks containers (the shim's zygote) builds each profile once and its children inherit
+    the program. Raises as `compile` does."""
+    import hashlib
+    import json
+
+    try:
+        key = hashlib.sha256(
+            json.dumps(profile, sort_keys=True, allow_nan=False).encode()
+        ).hexdigest()
+    except (TypeError, ValueError):
+        key = ""  # not JSON: `compile` says why
+    found = _PROGRAMS.get(key) if key else None
+    if found is not None:
+        return found
+    with compile(profile) as built:
+        made = built.export()
+    if key:
+        if len(_PROGRAMS) >= _PROGRAMS_KEPT:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        _PROGRAMS[key] = made
+    return made
 
 
 def load(profile: Mapping[str, object]) -> None:
@@ -357,6 +462,11 @@ def _build(lib: _Lib, plan: _Plan) -> Filter:
         rc = lib.attr_set(ctx, _FLTATR_CTL_TSYNC, 1)
         if rc < 0 and (_FLAG_TSYNC in plan.flags or -rc != errno.EOPNOTSUPP):
             raise ExecutorError(f"seccomp: cannot set {_FLAG_TSYNC}: {_strerror(rc)}")
+        built.flags = _KERNEL_TSYNC if rc >= 0 else 0
+        if _FLAG_LOG in plan.flags:
+            built.flags |= _KERNEL_LOG
+        if _FLAG_SPEC_ALLOW in plan.flags:
+            built.flags |= _KERNEL_SPEC_ALLOW
         # the kernel's errno from seccomp_load rather than libseccomp's ECANCELED (>= 2.5.0)
         lib.attr_set(ctx, _FLTATR_API_SYSRAWRC, 1)
         if _FLAG_LOG in plan.flags:
@@ -468,6 +578,7 @@ class _Lib:
         self._release = declare("seccomp_release", None, ctx)
         self._load = declare("seccomp_load", c_int, ctx)
         self._attr_set = declare("seccomp_attr_set", c_int, ctx, c_int, u32)
+        self._export_bpf = declare("seccomp_export_bpf", c_int, ctx, c_int)
         self._arch_resolve = declare("seccomp_arch_resolve_name", u32, ctypes.c_char_p)
         self._arch_add = declare("seccomp_arch_add", c_int, ctx, u32)
         self._syscall_resolve = declare("seccomp_syscall_resolve_name", c_int, ctypes.c_char_p)
@@ -487,6 +598,9 @@ class _Lib:
 
     def load(self, ctx: int) -> int:
         return int(self._load(ctx))
+
+    def export_bpf(self, ctx: int, fd: int) -> int:
+        return int(self._export_bpf(ctx, fd))
 
     def attr_set(self, ctx: int, attr: int, value: int) -> int:
         return int(self._attr_set(ctx, attr, value))

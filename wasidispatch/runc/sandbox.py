@@ -651,7 +651,7 @@ class Finish:
         if profile is not None:
             from wasidispatch import _seccomp
 
-            self.seccomp = _seccomp.compile(_obj(profile, "linux.seccomp"))
+            self.seccomp = _seccomp.program(_obj(profile, "linux.seccomp"))
         for i, item in enumerate(_list(self.process, "rlimits", "process")):
             entry = _obj(item, f"process.rlimits[{i}]")
             if not isinstance(getattr(resource, str(entry.get("type")), None), int):
