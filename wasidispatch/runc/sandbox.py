@@ -339,6 +339,11 @@ def _make_dirs(root: str, host: str) -> None:
     rel = os.path.relpath(host, root)
     if rel == ".":
         return
+    try:
+        if stat.S_ISDIR(os.lstat(host).st_mode):  # there already (`resolve_in` saw no link)
+            return
+    except OSError:
+        pass
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for part in rel.split("/"):
@@ -358,6 +363,11 @@ def _make_target(root: str, host: str, *, directory: bool) -> None:
     if directory:
         _make_dirs(root, host)
         return
+    try:
+        if stat.S_ISREG(os.lstat(host).st_mode):
+            return
+    except OSError:
+        pass
     _make_dirs(root, os.path.dirname(host))
     try:
         fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
