@@ -47,6 +47,9 @@ def _bundle(tmp_path: Path, spec: Mapping[str, Any]) -> LeanBundle:
     return LeanBundle.load(bundle)
 
 
+_ROOT: list[str] = []  # in the child: the engine's preopen of the guest's /
+
+
 def _in_child(bundle: LeanBundle, probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Fork; the child enters the sandbox, applies the process settings and reports
     ``probe()`` (or the error) as JSON."""
@@ -58,6 +61,8 @@ def _in_child(bundle: LeanBundle, probe: Callable[[], dict[str, Any]]) -> dict[s
             try:
                 finish = sandbox.enter(bundle)
                 finish()
+                finish.seal()
+                _ROOT.append(finish.root)
                 out: dict[str, Any] = {"ok": probe()}
             except Exception as exc:
                 out = {"error": type(exc).__name__, "message": str(exc)}
@@ -143,6 +148,10 @@ def test_a_full_spec_seen_from_inside(tmp_path: Path) -> None:
         status = _status()
         return {
             "root": sorted(os.listdir("/")),
+            "engine_root": _ROOT[-1],
+            "engine_proc": sorted(os.listdir(_ROOT[-1] + "/proc")),
+            "engine_dev": sorted(os.listdir(_ROOT[-1] + "/dev")),
+            "engine_data": sorted(os.listdir(_ROOT[-1] + "/data")),
             "data": open("/data/shared.txt").read(),
             "write_ro": _try(lambda: open("/data/new", "w")),
             "write_tmpfs": _try(lambda: open("/scratch/new", "w").close()),
@@ -168,6 +177,9 @@ def test_a_full_spec_seen_from_inside(tmp_path: Path) -> None:
     seen = got["ok"]
     assert seen["root"] == ["app.wasm", "data", "dev", "etc", "proc", "scratch", "tmp"]
     assert seen["data"] == "from the host"
+    # the engine's / is the rootfs alone: no procfs (/proc/1/mem), devices or volumes in it
+    assert seen["engine_root"].startswith("/proc/self/fd/")
+    assert (seen["engine_proc"], seen["engine_dev"], seen["engine_data"]) == ([], [], [])
     assert seen["write_ro"] == "EROFS"
     assert seen["write_tmpfs"] == "ok"  # a tmpfs is 1777 unless told
     assert seen["mkdir"] == "EPERM"  # the seccomp rule
@@ -301,3 +313,106 @@ def test_specs_it_cannot_honour_are_typed_errors(
     assert got.get("error") == error.__name__, got
     assert text in got["message"]
     assert _mountinfo(tmp_path) == before
+
+
+@root_only
+@pytest.mark.parametrize(
+    ("sysctl", "allowed"),
+    [
+        ({"kernel.shmmax": "1000000"}, True),
+        ({"net.ipv4.ip_forward": "0"}, True),
+        ({"kernel.core_pattern": "|/tmp/x"}, False),
+        ({"kernel.hostname": "h"}, False),
+        ({"vm.overcommit_memory": "1"}, False),
+    ],
+)
+def test_only_namespaced_sysctls(tmp_path: Path, sysctl: dict[str, str], allowed: bool) -> None:
+    spec = {
+        "process": {"args": ["/app.wasm"]},
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+        "linux": {
+            "namespaces": [{"type": t} for t in ("mount", "ipc", "network")],
+            "sysctl": sysctl,
+        },
+    }
+    got = _in_child(_bundle(tmp_path, spec), lambda: {})
+    if allowed:
+        assert "ok" in got, got
+    else:
+        assert got.get("error") == "SpecError", got
+        assert next(iter(sysctl)) in got["message"]
+
+
+@root_only
+def test_a_hostname_in_a_joined_uts_namespace(tmp_path: Path) -> None:
+    """A pod's UTS namespace, joined by path, takes the spec's hostname (as runc sets it)."""
+    r, w = os.pipe()
+    holder = os.fork()
+    if holder == 0:  # pragma: no cover - holds a UTS namespace for the test
+        sandbox._check(sandbox._libc().unshare(sandbox.CLONE_NEWUTS), "unshare")
+        os.write(w, b"x")
+        os.pause()
+        os._exit(0)
+    try:
+        os.read(r, 1)
+        spec = {
+            "hostname": "pod-host",
+            "process": {"args": ["/app.wasm"]},
+            "linux": {
+                "namespaces": [
+                    {"type": "mount"},
+                    {"type": "uts", "path": f"/proc/{holder}/ns/uts"},
+                ]
+            },
+        }
+        got = _in_child(_bundle(tmp_path, spec), lambda: {"host": socket.gethostname()})
+        assert got == {"ok": {"host": "pod-host"}}
+        assert socket.gethostname() != "pod-host"
+    finally:
+        os.kill(holder, 9)
+        os.waitpid(holder, 0)
+        os.close(r)
+        os.close(w)
+
+
+@root_only
+def test_a_planted_dev_null_is_not_bound_over_a_masked_path(tmp_path: Path) -> None:
+    bundle = _bundle(
+        tmp_path,
+        {
+            "process": {"args": ["/app.wasm"]},
+            "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+            "linux": {"namespaces": [{"type": "mount"}], "maskedPaths": ["/proc/keys"]},
+        },
+    )
+    os.symlink("/proc/sys/kernel/core_pattern", bundle.rootfs / "dev" / "null")
+    got = _in_child(bundle, lambda: {"null": os.stat("/dev/null").st_rdev})
+    assert got == {"ok": {"null": os.makedev(1, 3)}}  # replaced by the device itself
+
+
+@root_only
+def test_a_process_with_threads_is_refused(tmp_path: Path) -> None:
+    import threading
+
+    bundle = _bundle(tmp_path, {"process": {"args": ["/app.wasm"]}})
+
+    def probe() -> dict[str, Any]:
+        return {}
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        stop = threading.Event()
+        threading.Thread(target=stop.wait, daemon=True).start()
+        try:
+            sandbox.enter(bundle)
+            os.write(w, b"entered")
+        except ExecutorError as exc:
+            os.write(w, str(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        said = fh.read().decode()
+    os.waitpid(pid, 0)
+    assert "2 threads" in said

@@ -176,6 +176,7 @@ if TYPE_CHECKING:
     from wasidispatch.executor import LinuxExecutor as LinuxExecutor
     from wasidispatch.executor import WasmExecutor as WasmExecutor
     from wasidispatch.executor import decide as decide
+    from wasidispatch.node import InstallResult, install_runtime, runtime_class
     from wasidispatch.oci.bundle import Bundle
     from wasidispatch.oci.image import (
         Descriptor,
@@ -186,7 +187,6 @@ if TYPE_CHECKING:
         Platform,
     )
     from wasidispatch.oci.layout import ImageLayout, WasmLayer, pack_wasm, wasm_layers
-    from wasidispatch.node import InstallResult, install_runtime, runtime_class
     from wasidispatch.oci.registry import pull, push
     from wasidispatch.oci.runtime import Process, Spec
     from wasidispatch.oci.wasm import WasmConfig

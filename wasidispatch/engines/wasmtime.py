@@ -201,9 +201,10 @@ class WasmtimeEngine:
     """Runs WASI preview 1 modules and preview 2 components on wasmtime-py.
 
     ``opt_level`` is Cranelift's (``"none"``, ``"speed"``, ``"speed_and_size"``); it is part
-    of the `fingerprint`. The last ``cache_size`` compiled binaries are kept in memory by
-    SHA-256, so running the same Wasm again skips compilation (``Timings.compile`` is then
-    only the hashing).
+    of the `fingerprint`. ``parallel_compilation=False`` compiles on the calling thread (no
+    thread pool is left behind: a process about to enter a container sandbox needs that). The
+    last ``cache_size`` compiled binaries are kept in memory by SHA-256, so running the same
+    Wasm again skips compilation (``Timings.compile`` is then only the hashing).
 
     Example::
 
@@ -212,12 +213,15 @@ class WasmtimeEngine:
         True
     """
 
-    def __init__(self, *, opt_level: str = "speed", cache_size: int = 16) -> None:
+    def __init__(
+        self, *, opt_level: str = "speed", cache_size: int = 16, parallel_compilation: bool = True
+    ) -> None:
         if opt_level not in ("none", "speed", "speed_and_size"):
             raise EngineError(f"unknown Cranelift opt_level {opt_level!r}")
         if cache_size < 0:
             raise EngineError(f"cache_size must not be negative, got {cache_size}")
         self._opt_level = opt_level
+        self._parallel = parallel_compilation
         self._cache_size = cache_size
         # Compiled modules/components by (profile, SHA-256 of the Wasm), most recent last.
         self._compiled: OrderedDict[tuple[_Profile, bytes], wasmtime.Module | wtc.Component] = (
@@ -367,6 +371,7 @@ class WasmtimeEngine:
                 config.consume_fuel = profile.fuel
                 config.cranelift_opt_level = self._opt_level
                 config.wasm_component_model = True
+                config.parallel_compilation = self._parallel
                 if profile.max_wasm_stack is not None:
                     # Range-checked in can_handle: wasmtime aborts the process on a bad value.
                     config.max_wasm_stack = profile.max_wasm_stack

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from wasidispatch.engines import Workload
     from wasidispatch.runc.spec import LeanBundle
 
-__all__ = ["CAPABILITIES", "Finish", "enter", "pid_namespace", "rewrite"]
+__all__ = ["CAPABILITIES", "Finish", "enter", "pid_namespace", "rewrite", "with_root"]
 
 CLONE_NEWTIME = 0x00000080
 CLONE_NEWNS = 0x00020000
@@ -406,6 +406,12 @@ def enter(bundle: LeanBundle) -> Finish:
     itself, single-threaded, as root. Everything the process settings need is read and
     checked first (the seccomp profile compiled, the capability sets): after the pivot the
     host's files, Python's own modules included, are out of reach."""
+    threads = _threads()
+    if threads != 1:
+        raise ExecutorError(
+            f"sandbox: the container process has {threads} threads ({_thread_names()}: an"
+            " engine started them): a thread would stay outside the sandbox"
+        )
     doc = _doc(bundle.spec)
     finish = Finish(doc)
     spaces = namespaces(doc)
@@ -435,10 +441,9 @@ def enter(bundle: LeanBundle) -> Finish:
         if not ns.path and ns.kind not in ("pid", "mount", "user"):
             new |= ns.flag
     _check(libc.unshare(new), "unshare")
-    uts_new = any(ns.kind == "uts" and not ns.path for ns in spaces)
     hostname = _text(doc, "hostname", "spec")
     domainname = _text(doc, "domainname", "spec")
-    if (hostname or domainname) and not uts_new:
+    if (hostname or domainname) and not any(ns.kind == "uts" for ns in spaces):
         raise SpecError("hostname: cannot be set without a private UTS namespace")
     if hostname:
         data = os.fsencode(hostname)
@@ -446,11 +451,39 @@ def enter(bundle: LeanBundle) -> Finish:
     if domainname:
         data = os.fsencode(domainname)
         _check(libc.setdomainname(data, len(data)), "setdomainname")
-    _filesystem(bundle, doc)
+    oom = _obj(doc.get("process") or {}, "process").get("oomScoreAdj")
+    if oom is not None:  # through the host's /proc: the container may mount none
+        try:
+            with open("/proc/self/oom_score_adj", "w") as fh:
+                fh.write(str(oom))
+        except OSError as exc:
+            raise ExecutorError(f"sandbox: oom_score_adj: {exc.strerror}") from None
+    finish.root = _filesystem(bundle, doc, {ns.kind for ns in spaces})
     return finish
 
 
-def _filesystem(bundle: LeanBundle, doc: Mapping[str, Any]) -> None:
+def _thread_names() -> str:
+    names = []
+    with contextlib.suppress(OSError):
+        for tid in sorted(os.listdir("/proc/self/task"), key=int)[1:]:
+            with open(f"/proc/self/task/{tid}/comm") as fh:
+                names.append(fh.read().strip())
+    return ", ".join(names)
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
+
+
+def _filesystem(bundle: LeanBundle, doc: Mapping[str, Any], spaces: set[str]) -> str:
+    """The mounts and the pivot; returns the path the engine preopens as the guest's ``/``:
+    a clone of the rootfs's own mount without the mounts on it (``open_tree``), so that the
+    guest's ``/`` holds no procfs, sysfs or device nodes (``/proc/1/mem`` would let a guest
+    write its engine's memory); ``/`` itself when the kernel cannot clone one or the
+    container has no ``/proc`` to name the clone through."""
     linux = _obj(doc.get("linux") or {}, "linux")
     rootfs = os.path.realpath(bundle.rootfs)
     propagation = _text(linux, "rootfsPropagation", "linux")
@@ -460,6 +493,8 @@ def _filesystem(bundle: LeanBundle, doc: Mapping[str, Any]) -> None:
     _mount(None, "/", None, MS_SLAVE | MS_REC if root_flag & MS_SHARED else root_flag | MS_REC,
            None, "making the host's mounts slaves")  # fmt: skip
     _mount(rootfs, rootfs, None, MS_BIND | MS_REC, None, "binding the rootfs")
+    root = _obj(doc.get("root") or {}, "root")
+    clone = _clone_tree(rootfs, readonly=root.get("readonly") is True)
     dev_is_tmpfs = False
     for i, item in enumerate(_list(doc, "mounts", "spec")):
         where = f"mounts[{i}]"
@@ -488,17 +523,91 @@ def _filesystem(bundle: LeanBundle, doc: Mapping[str, Any]) -> None:
     masked = _names(linux, "maskedPaths", "linux")
     readonly = _names(linux, "readonlyPaths", "linux")
     sysctls = _obj(linux.get("sysctl") or {}, "linux.sysctl")
+    for key, value in sysctls.items():
+        _check_sysctl(str(key), value, spaces)
     _pivot(rootfs)
+    if propagation is not None:
+        _mount(None, "/", None, root_flag, None, "the rootfs propagation")
     # in runc's order: sysctls before /proc/sys turns read-only, the root last
     for key, value in sysctls.items():
         _sysctl(str(key), value)
-    for path in masked:
-        _mask("/", path)
     for path in readonly:
         _readonly("/", path)
-    root = _obj(doc.get("root") or {}, "root")
+    for path in masked:
+        _mask("/", path)
     if root.get("readonly") is True:
         _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY, None, "read-only root")
+    if clone is not None and os.path.isdir(f"/proc/self/fd/{clone}"):
+        return f"/proc/self/fd/{clone}"
+    if clone is not None:
+        os.close(clone)
+    return "/"
+
+
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+_OPEN_TREE_CLONE = 1
+_NR_OPEN_TREE = 428  # one number on every architecture (syscalls from Linux 5.1 on)
+_NR_MOUNT_SETATTR = 442
+_MOUNT_ATTR_RDONLY = 1
+
+
+def _clone_tree(rootfs: str, *, readonly: bool) -> int | None:
+    """A detached clone of the rootfs's mount alone (no submounts), as an fd; ``None`` on a
+    kernel without ``open_tree`` (before 5.2)."""
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(
+        ctypes.c_long(_NR_OPEN_TREE),
+        ctypes.c_int(_AT_FDCWD),
+        os.fsencode(rootfs),
+        ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC),
+    )
+    if fd < 0:
+        code = ctypes.get_errno()
+        if code in (_errno.ENOSYS, _errno.EPERM):
+            return None
+        raise ExecutorError(f"sandbox: cloning the rootfs: {os.strerror(code)}")
+    if readonly:
+        attr = (ctypes.c_uint64 * 4)(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+        rc = libc.syscall(
+            ctypes.c_long(_NR_MOUNT_SETATTR),
+            ctypes.c_int(fd),
+            b"",
+            ctypes.c_uint(_AT_EMPTY_PATH),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        )
+        if rc != 0:
+            code = ctypes.get_errno()
+            os.close(fd)
+            raise ExecutorError(f"sandbox: a read-only rootfs clone: {os.strerror(code)}")
+    return int(fd)
+
+
+# sysctls runc lets a container set: those of a kernel namespace it has (runc's validator)
+_IPC_SYSCTLS = frozenset(
+    {"kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall",
+     "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced"}
+)  # fmt: skip
+
+
+def _check_sysctl(key: str, value: object, spaces: set[str]) -> None:
+    if not isinstance(value, str):
+        raise SpecError(f"linux.sysctl.{key}: not a string")
+    if key in _IPC_SYSCTLS or key.startswith("fs.mqueue."):
+        if "ipc" in spaces:
+            return
+        raise SpecError(f"linux.sysctl.{key}: needs an IPC namespace of the container's")
+    if key.startswith("net."):
+        if "network" in spaces:
+            return
+        raise SpecError(f"linux.sysctl.{key}: needs a network namespace of the container's")
+    if key == "kernel.domainname" and "uts" in spaces:
+        return
+    if key == "kernel.hostname":
+        raise SpecError("linux.sysctl.kernel.hostname: set the spec's hostname instead")
+    raise SpecError(f"linux.sysctl.{key}: not in a kernel namespace of the container's")
 
 
 def _bind(bundle: LeanBundle, source: str | None, target: str, rootfs: str, flags: int,
@@ -525,8 +634,10 @@ def _devices(rootfs: str, linux: Mapping[str, Any], *, made_dev: bool) -> None:
     try:
         for name, major, minor in _DEFAULT_DEVICES:
             path = os.path.join(dev, name)
-            if not made_dev and os.path.lexists(path):
-                continue
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(major, minor):
+                    continue  # the device already (a bind of the host's /dev keeps its own)
             _device(path, stat.S_IFCHR | 0o666, major, minor, 0, 0)
         for i, item in enumerate(_list(linux, "devices", "linux")):
             where = f"linux.devices[{i}]"
@@ -580,8 +691,20 @@ def _mask(rootfs: str, path: str) -> None:
         raise ExecutorError(f"sandbox: masked path {path}: {exc.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
         _mount("tmpfs", target, "tmpfs", MS_RDONLY, None, f"masking {path}")
-    else:
-        _mount("/dev/null", target, None, MS_BIND, None, f"masking {path}")  # the container's
+        return
+    # the container's /dev/null, checked to be the device (a symlink or file planted in the
+    # image would be bound over the masked path, writable)
+    try:
+        null = os.open("/dev/null", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ExecutorError(f"sandbox: masking {path}: /dev/null: {exc.strerror}") from None
+    try:
+        st = os.fstat(null)
+        if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(1, 3):
+            raise ExecutorError(f"sandbox: masking {path}: /dev/null is not the null device")
+        _mount(f"/proc/self/fd/{null}", target, None, MS_BIND, None, f"masking {path}")
+    finally:
+        os.close(null)
 
 
 def _readonly(rootfs: str, path: str) -> None:
@@ -589,7 +712,8 @@ def _readonly(rootfs: str, path: str) -> None:
     if not os.path.lexists(target):
         return
     _mount(target, target, None, MS_BIND | MS_REC, None, f"binding {path}")
-    _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC, None,
+    kept = os.statvfs(target).f_flag & (os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC)
+    _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC | kept, None,
            f"read-only {path}")  # fmt: skip
 
 
@@ -647,16 +771,22 @@ def _last_cap() -> int:
 
 class Finish:
     """The process settings of a spec, checked and compiled by `enter`; calling it applies
-    them (module docstring), last thing before the guest starts."""
+    them (module docstring) but the seccomp filter, which `seal` loads, last thing before
+    the guest starts (when ``noNewPrivileges`` is off the filter goes in with the rest, as
+    runc does, while ``CAP_SYS_ADMIN`` is still held). ``root``: the path the engine should
+    preopen as the guest's ``/`` (set by `enter`)."""
 
     def __init__(self, doc: Mapping[str, Any], *, last_cap: int | None = None) -> None:
         self.process = _obj(doc.get("process") or {}, "process")
         linux = _obj(doc.get("linux") or {}, "linux")
         self.last = _last_cap() if last_cap is None else last_cap
+        self.held = _held_caps()
+        self.root = "/"
         caps = _obj(self.process.get("capabilities") or {}, "process.capabilities")
         self.sets = {key: _cap_set(caps, key, self.last) for key in
                      ("bounding", "effective", "permitted", "inheritable", "ambient")}  # fmt: skip
         self.seccomp: Any = None
+        self._pending: Any = None
         profile = linux.get("seccomp")
         if profile is not None:
             from wasidispatch import _seccomp
@@ -670,13 +800,6 @@ class Finish:
     def __call__(self) -> None:
         process, sets, last = self.process, self.sets, self.last
         libc = _libc()
-        oom = process.get("oomScoreAdj")
-        if oom is not None:
-            try:
-                with open("/proc/self/oom_score_adj", "w") as fh:
-                    fh.write(str(oom))
-            except OSError as exc:
-                raise ExecutorError(f"sandbox: oom_score_adj: {exc.strerror}") from None
         _rlimits(process)
         nnp = process.get("noNewPrivileges") is True
         if nnp:
@@ -689,24 +812,43 @@ class Finish:
         _check(libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "keepcaps")
         _user(process)
         _check(libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0), "keepcaps")
-        _capset(sets["effective"], sets["permitted"], sets["inheritable"])
+        # runc sets the spec's sets and then executes the program, and the kernel recomputes
+        # them: a Wasm guest starts without an execve, so the result of that rule is set at
+        # once (no file capabilities): root keeps inheritable | bounding | ambient, any other
+        # user only the ambient set; all within what this process holds
+        bounding = sets["bounding"] & self.held
+        inheritable = sets["inheritable"] & self.held
+        ambient = sets["ambient"] & sets["permitted"] & inheritable
+        user = _obj(process.get("user") or {}, "process.user")
+        if user.get("uid", 0) == 0:
+            after = (inheritable | bounding | ambient) & self.held
+        else:
+            after = ambient
+        _capset(after, after, inheritable)
         _check(libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "ambient set")
-        # the kernel raises only what is permitted and inheritable; runc ignores the rest
-        ambient = sets["ambient"] & sets["permitted"] & sets["inheritable"]
         for number in range(last + 1):
             if ambient >> number & 1:
                 _check(libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, number, 0, 0), "ambient")
-        # runc's process then executes its program, and the kernel recomputes the sets: a
-        # Wasm guest starts without an execve, so the same rule is applied here (no file
-        # capabilities): root keeps inheritable | bounding, any other user only the ambient
-        user = _obj(process.get("user") or {}, "process.user")
-        if user.get("uid", 0) == 0:
-            after = (sets["inheritable"] | sets["bounding"]) | ambient
-        else:
-            after = ambient
-        _capset(after, after, sets["inheritable"])
         if self.seccomp is not None and nnp:
-            self.seccomp.load()
+            self._pending = self.seccomp
+
+    def seal(self) -> None:
+        """Load the seccomp filter if `__call__` left it (once; a no-op otherwise)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.load()
+
+
+def _held_caps() -> int:
+    """This process's permitted set (what it can keep)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapPrm:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return (1 << 64) - 1
 
 
 def _capset(effective: int, permitted: int, inheritable: int) -> None:
@@ -782,6 +924,18 @@ def rewrite(workload: Workload, bundle: LeanBundle, *, in_memory: bool = False) 
     return dataclasses.replace(
         workload, preopens=tuple(preopens), wasm=wasm, precompiled=precompiled
     )
+
+
+def with_root(workload: Workload, root: str) -> Workload:
+    """``workload`` (from `rewrite`) with the guest's ``/`` preopened at ``root`` (the
+    rootfs clone `enter` made, `Finish.root`)."""
+    from wasidispatch.engines import Preopen
+
+    preopens = tuple(
+        Preopen(root, p.guest, readonly=p.readonly) if p.host == "/" else p
+        for p in workload.preopens
+    )
+    return dataclasses.replace(workload, preopens=preopens)
 
 
 def _mounts_proc(bundle: LeanBundle) -> bool:

@@ -487,20 +487,18 @@ def _sandbox(
             "a sandboxed Wasm container needs /proc in its mounts (WASIDISPATCH_SANDBOX=off "
             "runs it unsandboxed)"
         )
-    user = bundle.spec.process.user if bundle.spec.process is not None else None
-    workload = sandbox.rewrite(
-        prepared.workload,
-        bundle,
-        in_memory=bool(user is not None and user.uid),
-    )
+    # the artifact in memory: a descriptor of the cache's file could be reopened for writing
+    workload = sandbox.rewrite(prepared.workload, bundle, in_memory=True)
+    prepared = dataclasses.replace(prepared, workload=workload)
     fifo_fd = os.open(fifo, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    held = {0, 1, 2, fifo_fd, *keep}
-    artifact = str(workload.precompiled or "")
-    if artifact.startswith("/proc/self/fd/") and artifact[14:].isdigit():
-        held.add(int(artifact[14:]))
-    _close_fds(held)
-    sandbox.enter(bundle)()
-    return dataclasses.replace(prepared, workload=workload), fifo_fd
+    _close_fds({0, 1, 2, fifo_fd, *keep})
+    finish = sandbox.enter(bundle)
+    finish()
+    _SEAL.append(finish.seal)
+    return dataclasses.replace(prepared, workload=sandbox.with_root(workload, finish.root)), fifo_fd
+
+
+_SEAL: list[Callable[[], None]] = []  # the seccomp filter, loaded just before the guest runs
 
 
 def _rlim(value: int) -> int:
@@ -551,6 +549,10 @@ def _container_process(
             signal.signal(sig, signal.SIG_DFL)
         _close_fds(keep | {ready})
         executor = _executor(log)
+        if _sandboxed():
+            from wasidispatch.wasmshim.zygote import serial_engines
+
+            serial_engines(executor, ("wasmtime-fast", "wasmtime"))
         prepared = executor.prepare(planned.bundle)  # map, pick the engine, precompile
         cgroups.join(made)
         fifo_fd = None
@@ -587,6 +589,8 @@ def _container_process(
         cancel = None
         if os.getpid() == 1:  # its pid namespace's init: only caught signals reach it
             cancel = _cancel_on_signals()
+        for seal in _SEAL:
+            seal()
         result = executor.run(prepared, cancel=cancel)  # type: ignore[arg-type]
         code = result.exit_code
         if result.message:

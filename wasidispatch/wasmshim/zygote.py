@@ -33,7 +33,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
 from wasidispatch.errors import ShimError
@@ -218,16 +218,16 @@ def _executor(engine: str | None, cache_dir: str | None) -> object:
     choice = tuple(e for e in engines.split(",") if e) if engines else None
     executor = WasmExecutor(choice, cache=cache)
     # import what every container needs now, so a fork inherits it loaded
+    import fcntl  # noqa: F401  # a terminal's set-up, after the container's pivot_root
+    import termios  # noqa: F401
+
     import wasidispatch.runc.cgroups
+    import wasidispatch.runc.sandbox
     import wasidispatch.runc.spec
     import wasidispatch.runc.wasm_container  # noqa: F401
     from wasidispatch import engines as registry
 
-    for name in choice or ("wasmtime-fast",):
-        if name not in _THREAD_FREE:  # wasmer-sdk starts an event-loop thread: in the child
-            continue
-        with contextlib.suppress(Exception):
-            executor._engine(name)  # construct (no compile): the engine's library is loaded
+    serial_engines(executor, choice or ("wasmtime-fast",))
     del registry
     if _threads() != 1:
         print(
@@ -235,6 +235,30 @@ def _executor(engine: str | None, cache_dir: str | None) -> object:
             file=sys.stderr,
         )
     return executor
+
+
+def serial_engines(executor: object, names: Sequence[str]) -> None:
+    """Construct ``names``' thread-free engines in ``executor`` now (the library loaded, no
+    compile), compiling on the calling thread: a compile in a container (a cache miss) must
+    leave no thread behind, since only the calling thread enters the sandbox. Engines that
+    start threads anyway (wasmer-sdk's event loop) are left to be made in the container,
+    which the sandbox then refuses."""
+    from wasidispatch.executor import WasmExecutor
+
+    assert isinstance(executor, WasmExecutor)
+    for name in names:
+        if name not in _THREAD_FREE:
+            continue
+        with contextlib.suppress(Exception):
+            if name == "wasmtime":
+                from wasidispatch.engines.wasmtime import WasmtimeEngine
+
+                executor._loaded[name] = WasmtimeEngine(parallel_compilation=False)
+            elif name == "wasmtime-fast":
+                from wasidispatch.engines._wasmtime_cffi._engine import FastWasmtimeEngine
+
+                executor._loaded[name] = FastWasmtimeEngine(parallel_compilation=False)
+            executor._engine(name)
 
 
 def _spawn(
@@ -337,6 +361,8 @@ def container_main(
 
         assert isinstance(executor, WasmExecutor)
         cancel = _cancel_on_signals() if os.getpid() == 1 else None
+        for seal in _SEAL:
+            seal()
         result = executor.run(prepared, cancel=cancel)  # type: ignore[arg-type]
         code = result.exit_code
         if result.reason.value == "out-of-memory":  # the shim reports it as TaskOOM
@@ -447,20 +473,22 @@ def _prepare(
         return prepared, leaves, stdio
     from wasidispatch.runc import sandbox
 
-    user = spec.process.user if spec.process is not None else None
-    workload = sandbox.rewrite(
-        prepared.workload, bundle, in_memory=bool(user is not None and user.uid)
-    )
+    # the artifact in memory: a descriptor of the cache's file could be reopened for writing
+    # through /proc and change the code every container of that module maps
+    workload = sandbox.rewrite(prepared.workload, bundle, in_memory=True)
     prepared = dataclasses.replace(prepared, workload=workload)
     # the zygote's descriptors (the cache's directories...) are the host's: only the
     # control socket, the stdio and the module's artifact go in
     held = {0, 1, 2, *(keep or ()), *(stdio or ()), *([slave] if slave is not None else [])}
-    artifact = str(workload.precompiled or "")
-    if artifact.startswith("/proc/self/fd/") and artifact[14:].isdigit():
-        held.add(int(artifact[14:]))
     _close_all_but(held)
-    sandbox.enter(bundle)()
+    finish = sandbox.enter(bundle)
+    finish()
+    prepared = dataclasses.replace(prepared, workload=sandbox.with_root(workload, finish.root))
+    _SEAL.append(finish.seal)
     return prepared, leaves, stdio
+
+
+_SEAL: list[Callable[[], None]] = []  # the seccomp filter, loaded just before the guest runs
 
 
 def _open_stdio(message: Mapping[str, object]) -> tuple[int, int, int]:

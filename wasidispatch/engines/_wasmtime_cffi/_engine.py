@@ -66,7 +66,8 @@ class FastWasmtimeEngine:
     Compiled modules are kept (up to ``cache_size``, least recently used first out), keyed
     by the SHA-256 of their bytes, so running the same Wasm again costs one instantiation.
     ``pooling`` selects wasmtime's pooling allocator (``pool_size`` concurrent instances).
-    Raises `EngineUnavailable` when the installed wasmtime is not the supported 50.x.
+    ``parallel_compilation=False`` compiles on the calling thread (no thread pool is left
+    behind). Raises `EngineUnavailable` when the installed wasmtime is not the supported 50.x.
 
     Example::
 
@@ -77,9 +78,15 @@ class FastWasmtimeEngine:
     """
 
     def __init__(
-        self, *, pooling: bool = False, pool_size: int = 128, cache_size: int = 32
+        self,
+        *,
+        pooling: bool = False,
+        pool_size: int = 128,
+        cache_size: int = 32,
+        parallel_compilation: bool = True,
     ) -> None:
         self._pooling = pooling
+        self._parallel = parallel_compilation
         self._pool_size = pool_size
         self._cache_size = max(1, cache_size)
         self._lock = threading.Lock()
@@ -164,6 +171,7 @@ class FastWasmtimeEngine:
                     epoch_interruption=True,
                     consume_fuel=fuel,
                     max_wasm_stack=stack,
+                    parallel_compilation=self._parallel,
                 )
             return fast
 

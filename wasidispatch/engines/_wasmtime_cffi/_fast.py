@@ -178,7 +178,8 @@ class FastWasmtime:
     concurrent instances are reserved up front, so instantiation maps no memory; wasmtime-py
     cannot reach it). ``epoch_interruption`` is needed for ``Limits.timeout``,
     ``consume_fuel`` for ``Limits.fuel`` (it slows guest code); ``max_wasm_stack`` is the
-    guest stack in bytes (1 B .. 2 MiB). All of them are in `fingerprint`.
+    guest stack in bytes (1 B .. 2 MiB). All of them are in `fingerprint`;
+    ``parallel_compilation`` (off: no compile thread pool) is not, as it changes no code.
 
     The engine is thread-safe; so is every `PreparedModule` it makes. Raises
     `EngineUnavailable` when the installed wasmtime wheel is not the 50.x release this
@@ -203,6 +204,7 @@ class FastWasmtime:
         epoch_interruption: bool = True,
         consume_fuel: bool = False,
         max_wasm_stack: int | None = None,
+        parallel_compilation: bool = True,
     ) -> None:
         self._config = EngineConfig(
             pooling=pooling,
@@ -210,6 +212,7 @@ class FastWasmtime:
             epoch_interruption=epoch_interruption,
             consume_fuel=consume_fuel,
             max_wasm_stack=max_wasm_stack,
+            parallel_compilation=parallel_compilation,
         )
         self._loaded = load()
         self._engine: CData = _native.new_engine(self._loaded, self._config)

@@ -58,6 +58,9 @@ class EngineConfig(NamedTuple):
     epoch_interruption: bool = True
     consume_fuel: bool = False
     max_wasm_stack: int | None = None
+    #: compile on a thread pool (not a codegen setting: not in the fingerprint); off leaves
+    #: no thread behind, which a process about to enter a container sandbox needs
+    parallel_compilation: bool = True
 
     def validate(self) -> None:
         """Raise `EngineError` for settings wasmtime would abort the process on."""
@@ -150,6 +153,8 @@ def new_engine(loaded: Loaded, config: EngineConfig) -> CData:
     try:
         lib.wasmtime_config_epoch_interruption_set(cfg, config.epoch_interruption)
         lib.wasmtime_config_consume_fuel_set(cfg, config.consume_fuel)
+        if not config.parallel_compilation:
+            lib.wasmtime_config_parallel_compilation_set(cfg, False)
         if config.max_wasm_stack is not None:
             lib.wasmtime_config_max_wasm_stack_set(cfg, config.max_wasm_stack)
         if config.pooling:
