@@ -42,7 +42,7 @@ import errno as _errno
 import os
 import resource
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -507,16 +507,17 @@ def _filesystem(bundle: LeanBundle, doc: Mapping[str, Any], spaces: set[str]) ->
         flags, propagations, data = _options(_names(entry, "options", where))
         target = resolve_in(rootfs, destination)
         if flags & MS_BIND or kind == "bind":
-            _bind(bundle, source, target, rootfs, flags, where)
-        elif kind == "cgroup" or kind == "cgroup2":
+            _bind(bundle, source, target, rootfs, destination, flags, propagations, where)
+            continue
+        if kind == "cgroup" or kind == "cgroup2":
             continue  # WASI has no use for it; runc's cgroup mounts are not reproduced
-        else:
-            if kind is None:
-                raise SpecError(f"{where}.type: required for a mount that is not a bind")
-            _make_target(rootfs, target, directory=True)
-            _mount(source or kind, target, kind, flags, data, f"mounting {kind} on {destination}")
-            if os.path.normpath(destination) == "/dev" and kind == "tmpfs":
-                dev_is_tmpfs = True
+        if kind is None:
+            raise SpecError(f"{where}.type: required for a mount that is not a bind")
+        _make_target(rootfs, target, directory=True)
+        with _opened_in(rootfs, destination, target) as at:
+            _mount(source or kind, at, kind, flags, data, f"mounting {kind} on {destination}")
+        if os.path.normpath(destination) == "/dev" and kind == "tmpfs":
+            dev_is_tmpfs = True
         for flag in propagations:
             _mount(None, target, None, flag, None, f"propagation of {destination}")
     _devices(rootfs, linux, made_dev=dev_is_tmpfs)
@@ -610,8 +611,12 @@ def _check_sysctl(key: str, value: object, spaces: set[str]) -> None:
     raise SpecError(f"linux.sysctl.{key}: not in a kernel namespace of the container's")
 
 
-def _bind(bundle: LeanBundle, source: str | None, target: str, rootfs: str, flags: int,
-          where: str) -> None:  # fmt: skip
+def _bind(bundle: LeanBundle, source: str | None, target: str, rootfs: str, destination: str,
+          flags: int, propagations: list[int], where: str) -> None:  # fmt: skip
+    """A bind mount, attached with its flags and propagation already set (``open_tree``,
+    ``mount_setattr``, ``move_mount``) onto a target opened inside the rootfs: no window in
+    which it is writable, and no path to swap between a mount and its remount (a sidecar
+    sharing a volume could). Older kernels: bind, then remount, by path."""
     if not source:
         raise SpecError(f"{where}.source: required for a bind mount")
     host = source if source.startswith("/") else os.path.join(bundle.path, source)
@@ -620,10 +625,110 @@ def _bind(bundle: LeanBundle, source: str | None, target: str, rootfs: str, flag
     except OSError as exc:
         raise ExecutorError(f"sandbox: bind source {host}: {exc.strerror}") from None
     _make_target(rootfs, target, directory=is_dir)
-    _mount(host, target, None, MS_BIND | (flags & MS_REC), None, f"binding {host}")
+    recursive = bool(flags & MS_REC)
     extra = flags & ~(MS_BIND | MS_REC | MS_REMOUNT)
+    with _opened_in(rootfs, destination, target) as at:
+        tree = _syscall(
+            _NR_OPEN_TREE,
+            ctypes.c_int(_AT_FDCWD),
+            os.fsencode(host),
+            ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | (_AT_RECURSIVE if recursive else 0)),
+        )
+        if tree >= 0:
+            try:
+                attrs = sum(bit for flag, bit in _MOUNT_ATTRS if extra & flag)
+                for propagation in propagations or [0]:
+                    _setattr(tree, attrs, propagation & ~MS_REC, recursive, host)
+                    attrs = 0
+                # onto the opened target itself: move_mount follows no symlink, magic or not
+                into, path = (int(at[14:]), b"") if at.startswith("/proc/self/fd/") else (
+                    _AT_FDCWD, os.fsencode(at))  # fmt: skip
+                empty = _MOVE_MOUNT_T_EMPTY_PATH if into != _AT_FDCWD else 0
+                _check(
+                    _syscall(
+                        _NR_MOVE_MOUNT,
+                        ctypes.c_int(tree),
+                        b"",
+                        ctypes.c_int(into),
+                        path,
+                        ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH | empty),
+                    ),
+                    f"binding {host}",
+                )
+            finally:
+                os.close(tree)
+            return
+        _mount(host, at, None, MS_BIND | (flags & MS_REC), None, f"binding {host}")
     if extra:
         _mount(None, target, None, MS_BIND | MS_REMOUNT | extra, None, f"remounting {target}")
+    for flag in propagations:
+        _mount(None, target, None, flag, None, f"propagation of {destination}")
+
+
+_NR_MOVE_MOUNT = 429
+_NR_OPENAT2 = 437
+_AT_RECURSIVE = 0x8000
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_MOVE_MOUNT_T_EMPTY_PATH = 0x40
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
+# mount(2) flag -> mount_setattr's MOUNT_ATTR_*
+_MOUNT_ATTRS = (
+    (MS_RDONLY, 0x1),
+    (MS_NOSUID, 0x2),
+    (MS_NODEV, 0x4),
+    (MS_NOEXEC, 0x8),
+    (MS_NOATIME, 0x10),
+    (MS_NODIRATIME, 0x80),
+    (MS_NOSYMFOLLOW, 0x200000),
+)
+
+
+def _syscall(number: int, *args: object) -> int:
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    return int(libc.syscall(ctypes.c_long(number), *args))
+
+
+def _setattr(tree: int, attrs: int, propagation: int, recursive: bool, what: str) -> None:
+    if not attrs and not propagation:
+        return
+    attr = (ctypes.c_uint64 * 4)(attrs, 0, propagation, 0)
+    flags = _AT_EMPTY_PATH | (_AT_RECURSIVE if recursive else 0)
+    rc = _syscall(
+        _NR_MOUNT_SETATTR, ctypes.c_int(tree), b"", ctypes.c_uint(flags), ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )  # fmt: skip
+    if rc != 0:
+        code = ctypes.get_errno()
+        raise ExecutorError(f"sandbox: the flags of {what}: {os.strerror(code)}")
+
+
+@contextlib.contextmanager
+def _opened_in(rootfs: str, destination: str, target: str) -> Iterator[str]:
+    """``/proc/self/fd/N`` of ``destination`` opened inside ``rootfs`` by the kernel
+    (``openat2`` with ``RESOLVE_IN_ROOT``: whatever was swapped since `resolve_in`, the
+    mount lands inside the rootfs); ``target`` itself on a kernel without ``openat2``."""
+    root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        how = (ctypes.c_uint64 * 3)(os.O_PATH | os.O_CLOEXEC, 0,
+                                    _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)  # fmt: skip
+        fd = _syscall(
+            _NR_OPENAT2, ctypes.c_int(root), os.fsencode(destination.lstrip("/") or "."),
+            ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)),
+        )  # fmt: skip
+    finally:
+        os.close(root)
+    if fd < 0:
+        code = ctypes.get_errno()
+        if code == _errno.ENOSYS:
+            yield target
+            return
+        raise ExecutorError(f"sandbox: opening {destination} in the rootfs: {os.strerror(code)}")
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def _devices(rootfs: str, linux: Mapping[str, Any], *, made_dev: bool) -> None:
