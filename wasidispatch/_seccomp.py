@@ -276,6 +276,8 @@ class Program:
             if self.flags & ~_KERNEL_TSYNC:
                 raise ExecutorError(f"seccomp: seccomp(2) unknown on {platform.machine()}")
             rc = libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0)
+        if rc > 0:  # TSYNC: the id of a thread that could not take the filter
+            raise ExecutorError(f"seccomp: thread {rc} could not be synchronized to the filter")
         if rc != 0:
             code = ctypes.get_errno()
             hint = ""

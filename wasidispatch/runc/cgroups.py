@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 __all__ = [
     "CgroupError",
@@ -225,6 +225,7 @@ def create(
     pids_limit: int | None = None,
     found: list[Hierarchy] | None = None,
     made: list[str] | None = None,
+    devices: Sequence[tuple[bool, str]] = (),
 ) -> list[str]:
     """Create ``path`` (from `resolve`) in every hierarchy and apply the limits; returns the
     leaf directories (which `join` joins and ``delete`` removes). Raises `CgroupError`, having
@@ -233,6 +234,10 @@ def create(
     ``made``, when given, receives every directory created (ancestors and leaves, parents
     first) as soon as it exists: a caller interrupted midway (a signal) or failing later
     removes exactly those with ``remove(reversed(made))``, and nothing that was there before.
+
+    ``devices``: device rules in order, as ``(allow, "TYPE MAJOR:MINOR ACCESS")``
+    (`device_rules`: the spec's, then runc's always-allowed ones), written to a v1
+    ``devices`` controller (cgroup v2 takes them as an eBPF program, not done here).
     """
     created: list[str] = [] if made is None else made
     start = len(created)
@@ -254,11 +259,71 @@ def create(
             if h.version == 1 and "cpuset" in h.controllers:
                 _cpuset_inherit(directory)
             _limits(h, directory, memory_limit, pids_limit)
+            if devices and h.version == 1 and "devices" in h.controllers:
+                for allow, rule in devices:
+                    name = "devices.allow" if allow else "devices.deny"
+                    _write(os.path.join(directory, name), rule)
     except OSError as exc:
         remove(reversed(created[start:]))
         del created[start:]
         raise CgroupError(f"cannot set up cgroup {path}: {exc}") from exc
     return leaves
+
+
+def device_rules(resources: object) -> list[tuple[bool, str]]:
+    """``linux.resources.devices`` (a JSON list) as `create` takes them; `SpecError` for an
+    entry that is not a device rule.
+
+    Example::
+
+        >>> device_rules([{"allow": False, "access": "rwm"},
+        ...               {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rw"}])[:3]
+        [(False, 'a *:* rwm'), (True, 'c 1:3 rw'), (True, 'c *:* m')]
+    """
+    from wasidispatch.errors import SpecError
+
+    if resources is None:
+        return []
+    if not isinstance(resources, list):
+        raise SpecError("linux.resources.devices: not a list")
+    rules = []
+    for i, entry in enumerate(resources):
+        where = f"linux.resources.devices[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("allow"), bool):
+            raise SpecError(f"{where}: not a device rule with a boolean allow")
+        kind = entry.get("type") or "a"
+        access = entry.get("access") or "rwm"
+        if (
+            kind not in ("a", "b", "c")
+            or not isinstance(access, str)
+            or not access
+            or set(access) - set("rwm")
+        ):
+            raise SpecError(f"{where}: type a, b or c and access of r, w, m")
+
+        major, minor = (_device_number(entry.get(key), f"{where}.{key}") for key in
+                        ("major", "minor"))  # fmt: skip
+        rules.append((entry["allow"], f"{kind} {major}:{minor} {access}"))
+    if rules:  # runc allows these after the spec's own rules
+        rules += [(True, rule) for rule in _RUNC_ALLOWED]
+    return rules
+
+
+#: runc's always-allowed devices: mknod of any, and the devices every container gets.
+_RUNC_ALLOWED = (
+    "c *:* m", "b *:* m", "c 1:3 rwm", "c 1:8 rwm", "c 1:7 rwm", "c 5:0 rwm", "c 1:5 rwm",
+    "c 1:9 rwm", "c 136:* rwm", "c 5:2 rwm", "c 10:200 rwm",
+)  # fmt: skip
+
+
+def _device_number(value: object, where: str) -> str:
+    from wasidispatch.errors import SpecError
+
+    if value is None or value == -1:
+        return "*"
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise SpecError(f"{where}: not a device number")
+    return str(value)
 
 
 def _limits(h: Hierarchy, directory: str, memory: int | None, pids: int | None) -> None:

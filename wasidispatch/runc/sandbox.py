@@ -417,6 +417,8 @@ def enter(bundle: LeanBundle) -> Finish:
     spaces = namespaces(doc)
     if any(ns.kind == "user" for ns in spaces):
         raise ExecutorError("sandbox: user namespaces are not supported for Wasm containers")
+    if any(ns.kind == "time" for ns in spaces):  # unshare would move only its children
+        raise ExecutorError("sandbox: time namespaces are not supported for Wasm containers")
     mount_ns = next((ns for ns in spaces if ns.kind == "mount"), None)
     if mount_ns is not None and mount_ns.path:
         raise ExecutorError("sandbox: joining an existing mount namespace is not supported")

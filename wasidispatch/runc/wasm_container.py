@@ -366,7 +366,13 @@ def _spawn(
         leaves = (
             []
             if path is None
-            else cgroups.create(path, memory_limit=memory, pids_limit=pids, made=undo.cgroups)
+            else cgroups.create(
+                path,
+                memory_limit=memory,
+                pids_limit=pids,
+                made=undo.cgroups,
+                devices=cgroups.device_rules(_raw_devices(linux)),
+            )
         )
     except cgroups.CgroupError as exc:
         raise RuntimeFailure(str(exc)) from exc
@@ -465,6 +471,12 @@ def _apply_process(spec: LeanSpec) -> None:
         os.setgroups(user.additional_gids)
         os.setgid(user.gid)
         os.setuid(user.uid)
+
+
+def _raw_devices(linux: object) -> object:
+    """``linux.resources.devices`` as JSON (`cgroups.device_rules` checks it)."""
+    doc = getattr(getattr(linux, "resources", None), "_doc", None)
+    return doc.get("devices") if isinstance(doc, dict) else None
 
 
 def _sandboxed() -> bool:

@@ -463,7 +463,14 @@ def _prepare(
         linux.cgroups_path if linux is not None else None, systemd=bool(message.get("systemd"))
     )
     if path is not None:
-        leaves = cgroups.create(path, memory_limit=memory, pids_limit=pids, made=made)
+        raw = getattr(getattr(linux, "resources", None), "_doc", {})
+        leaves = cgroups.create(
+            path,
+            memory_limit=memory,
+            pids_limit=pids,
+            made=made,
+            devices=cgroups.device_rules(raw.get("devices") if isinstance(raw, dict) else None),
+        )
         cgroups.join(leaves)
     stdio = None if slave is not None else _open_stdio(message)
     if not sandboxed():
