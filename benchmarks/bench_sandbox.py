@@ -31,7 +31,6 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,7 @@ def _cri_like(base: Path, seccomp: bool) -> LeanBundle:
             {"type": "uts"},
             {"type": "mount"},
             {"type": "network", "path": "/proc/self/ns/net"},
-        ],  # fmt: skip
+        ],
         "maskedPaths": [
             "/proc/acpi",
             "/proc/kcore",
@@ -84,7 +83,7 @@ def _cri_like(base: Path, seccomp: bool) -> LeanBundle:
             "/proc/sched_debug",
             "/proc/scsi",
             "/sys/firmware",
-        ],  # fmt: skip
+        ],
         "readonlyPaths": [
             "/proc/asound",
             "/proc/bus",
@@ -92,7 +91,7 @@ def _cri_like(base: Path, seccomp: bool) -> LeanBundle:
             "/proc/irq",
             "/proc/sys",
             "/proc/sysrq-trigger",
-        ],  # fmt: skip
+        ],
     }
     if seccomp:
         linux["seccomp"] = json.loads(PROFILE.read_text())
@@ -155,7 +154,7 @@ def _cri_like(base: Path, seccomp: bool) -> LeanBundle:
             bind(pod / "hostname", "/etc/hostname", "rw"),
             bind(pod / "resolv.conf", "/etc/resolv.conf", "rw"),
             bind(pod / "shm", "/dev/shm", "rw"),
-        ],  # fmt: skip
+        ],
         "linux": linux,
     }
     (bundle / "config.json").write_text(json.dumps(spec))
@@ -194,13 +193,13 @@ def _round(bundle: LeanBundle | None, *, seccomp_cached: bool) -> int:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LeanBundle]]:
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LeanBundle]:
     base = tmp_path_factory.mktemp("sandbox-bench")
     from wasidispatch import _seccomp
 
     made = {"plain": _cri_like(base, False), "seccomp": _cri_like(base, True)}
     _seccomp.program(json.loads(PROFILE.read_text()))  # the zygote's cache, inherited
-    yield made
+    return made
 
 
 @pytest.mark.benchmark(group="sandbox")
@@ -217,5 +216,5 @@ def test_sandbox_per_container(
         assert took >= 0, "the container process failed"
         inside.append(took)
 
-    benchmark.pedantic(once, rounds=60, warmup_rounds=3)
+    benchmark.pedantic(once, rounds=60, warmup_rounds=3)  # type: ignore[no-untyped-call]
     benchmark.extra_info["inside_ms"] = round(statistics.median(inside) / 1e6, 3)

@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import resource
+import signal
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -349,10 +350,12 @@ def test_a_hostname_in_a_joined_uts_namespace(tmp_path: Path) -> None:
     r, w = os.pipe()
     holder = os.fork()
     if holder == 0:  # pragma: no cover - holds a UTS namespace for the test
-        sandbox._check(sandbox._libc().unshare(sandbox.CLONE_NEWUTS), "unshare")
-        os.write(w, b"x")
-        os.pause()
-        os._exit(0)
+        try:
+            sandbox._check(sandbox._libc().unshare(sandbox.CLONE_NEWUTS), "unshare")
+            os.write(w, b"x")
+            signal.pause()
+        finally:
+            os._exit(0)
     try:
         os.read(r, 1)
         spec = {
@@ -395,10 +398,6 @@ def test_a_process_with_threads_is_refused(tmp_path: Path) -> None:
     import threading
 
     bundle = _bundle(tmp_path, {"process": {"args": ["/app.wasm"]}})
-
-    def probe() -> dict[str, Any]:
-        return {}
-
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
