@@ -57,6 +57,8 @@ from wasidispatch.oci.image import (
     ANNOTATION_TITLE,
     MEDIA_TYPE_IMAGE_CONFIG,
     MEDIA_TYPE_IMAGE_INDEX,
+    MEDIA_TYPE_IMAGE_LAYER,
+    MEDIA_TYPE_IMAGE_LAYER_GZIP,
     MEDIA_TYPE_IMAGE_MANIFEST,
     Descriptor,
     Digest,
@@ -80,12 +82,16 @@ from wasidispatch.oci.wasm import (
 )
 
 __all__ = [
+    "IMAGE_CREATED_BY",
+    "IMAGE_WASM_PATH",
     "MAX_LAYER_SCAN",
     "MAX_MANIFEST_SIZE",
     "MAX_WASM_SIZE",
     "BlobReader",
     "ImageLayout",
     "WasmLayer",
+    "node_platform",
+    "pack_image",
     "pack_wasm",
     "wasm_layers",
 ]
@@ -823,3 +829,173 @@ def _read_member(
             if keep:
                 chunks.append(chunk)
     return Digest(f"sha256:{hasher.hexdigest()}"), size, b"".join(chunks) if keep else None
+
+
+# --- runnable Wasm images --------------------------------------------------------------------
+
+IMAGE_WASM_PATH = "/app.wasm"
+"""Where :func:`pack_image` puts the Wasm binary in the image's rootfs unless told otherwise."""
+
+IMAGE_CREATED_BY = "wasidispatch pack --image"
+"""The ``created_by`` of the history entry :func:`pack_image` writes for its layer."""
+
+# Go's GOARCH (and GOARM variant) for the machine names Linux reports: what containerd's
+# default platform matcher expects an image config to say.
+_NODE_ARCH = {
+    "x86_64": ("amd64", None),
+    "amd64": ("amd64", None),
+    "aarch64": ("arm64", None),
+    "arm64": ("arm64", None),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "i386": ("386", None),
+    "i686": ("386", None),
+    "ppc64le": ("ppc64le", None),
+    "s390x": ("s390x", None),
+    "riscv64": ("riscv64", None),
+    "loongarch64": ("loong64", None),
+    "mips64": ("mips64", None),
+}
+
+
+def node_platform() -> str:
+    """This machine's platform as containerd names it (``linux/amd64``, ``linux/arm/v7``...).
+
+    >>> node_platform().startswith("linux/")
+    True
+    """
+    machine = os.uname().machine
+    arch, variant = _NODE_ARCH.get(machine, (machine, None))
+    return f"linux/{arch}/{variant}" if variant else f"linux/{arch}"
+
+
+def _parse_platform(value: str) -> tuple[str, str, str | None]:
+    parts = value.split("/")
+    if len(parts) not in (2, 3) or not all(parts) or any(c in value for c in "\0\n "):
+        raise SpecError(f"platform {value!r}: give it as OS/ARCH or OS/ARCH/VARIANT")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+
+
+def _image_path(value: str, what: str) -> str:
+    """``value`` as a path inside the image (``a/b`` for ``/a/b``); :class:`SpecError` for
+    ``..``, NUL, an empty name or the root itself."""
+    parts = [p for p in value.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts or "\0" in value or not _utf8(value):
+        raise SpecError(f"{what} {value!r}: not a file path inside the image")
+    return "/".join(parts)
+
+
+def _layer_tar(out: IO[bytes], files: Mapping[str, tuple[bytes, int]]) -> None:
+    """A reproducible tar of ``files`` (path -> bytes, mode) and their parent directories:
+    sorted, owner 0:0, mtime 0, PAX headers."""
+    dirs = {posixpath.dirname(p) for p in files}
+    for d in list(dirs):
+        while d:
+            dirs.add(d)
+            d = posixpath.dirname(d)
+    dirs.discard("")
+    clash = dirs & files.keys()
+    if clash:
+        raise SpecError(f"/{min(clash)} is both a file and a directory in the image")
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(dirs | files.keys()):
+            info = tarfile.TarInfo(name)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if name in dirs:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                data, info.mode = files[name]
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _sha256_of(stream: IO[bytes]) -> Digest:
+    hasher = Digest.of(b"").hasher()
+    stream.seek(0)
+    while chunk := stream.read(_CHUNK):
+        hasher.update(chunk)
+    stream.seek(0)
+    return Digest(f"sha256:{hasher.hexdigest()}")
+
+
+def pack_image(
+    layout: ImageLayout,
+    wasm: bytes | bytearray | memoryview,
+    ref: str,
+    *,
+    path: str = IMAGE_WASM_PATH,
+    files: Mapping[str, bytes | bytearray | memoryview] | None = None,
+    platform: str | None = None,
+    created: str | bool | None = True,
+    annotations: Mapping[str, str] | None = None,
+    compress: bool = True,
+    variant: str | None = "compat",
+) -> Descriptor:
+    """Store ``wasm`` as a runnable OCI image tagged ``ref``; returns the manifest descriptor.
+
+    An ordinary image (the form containerd unpacks and CRI runs, unlike the artifact of
+    :func:`pack_wasm`): one tar layer (gzip unless ``compress`` is false) holding ``wasm``
+    at ``path`` (mode 0755) and ``files`` (image path -> bytes, mode 0644), with their parent
+    directories; the config's ``Entrypoint`` is ``[path]``, ``rootfs.diff_ids`` the sha256 of
+    the uncompressed tar, one ``history`` entry. ``platform`` (``OS/ARCH[/VARIANT]``) defaults
+    to :func:`node_platform`: containerd 1.6 imports, unpacks and runs only images whose
+    config matches the node's platform. ``created``: as for :func:`pack_wasm` (``None``: no
+    timestamp; tar entries always have mtime 0, so the output is then reproducible).
+    ``variant`` sets the manifest annotation ``module.wasm.image/variant`` (crun's mark of a
+    Wasm image; ``None`` leaves the image unmarked); ``annotations`` go on the manifest too.
+    Raises :class:`SpecError` when ``wasm`` is not Wasm or a path is not inside the image.
+    """
+    from wasidispatch.detect import sniff
+
+    wasm = bytes(wasm)
+    detected = sniff(wasm)
+    if detected.format not in ("wasm-module", "wasm-component"):
+        raise SpecError(f"not a Wasm module or component: {detected}")
+    entry = _image_path(path, "path")
+    members: dict[str, tuple[bytes, int]] = {}
+    for dest, data in (files or {}).items():
+        name = _image_path(dest, "file")
+        if name in members or name == entry:
+            raise SpecError(f"/{name} is given twice")
+        members[name] = (bytes(data), 0o644)
+    members[entry] = (wasm, 0o755)
+    os_name, arch, arch_variant = _parse_platform(platform or node_platform())
+    when = _now_rfc3339() if created is True else created or None
+
+    with tempfile.TemporaryFile() as tar:
+        _layer_tar(tar, members)
+        diff_id = _sha256_of(tar)
+        if compress:
+            with tempfile.TemporaryFile() as packed:
+                # No file name and mtime 0 in the gzip header: the same tar, the same blob.
+                with gzip.GzipFile(filename="", mode="wb", fileobj=packed, mtime=0) as gz:
+                    shutil.copyfileobj(tar, gz, _CHUNK)
+                packed.seek(0)
+                layer = layout.write_blob(packed, media_type=MEDIA_TYPE_IMAGE_LAYER_GZIP)
+        else:
+            layer = layout.write_blob(tar, media_type=MEDIA_TYPE_IMAGE_LAYER)
+
+    history: dict[str, Any] = {"created_by": IMAGE_CREATED_BY, "comment": f"/{entry}"}
+    fields: dict[str, Any] = {
+        "architecture": arch,
+        "os": os_name,
+        "config": {"Entrypoint": [f"/{entry}"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [history],
+    }
+    if arch_variant is not None:
+        fields["variant"] = arch_variant
+    if when is not None:
+        fields["created"] = history["created"] = when
+    config = ImageConfig.model_validate(fields)
+    config_desc = layout.write_blob(config.to_json(), media_type=MEDIA_TYPE_IMAGE_CONFIG)
+    manifest = Manifest(
+        schema_version=2, media_type=MEDIA_TYPE_IMAGE_MANIFEST, config=config_desc, layers=[layer]
+    )
+    marks = {ANNOTATION_WASM_VARIANT: variant} if variant else {}
+    marks.update(annotations or {})
+    if marks:
+        manifest.annotations = marks
+    manifest_desc = layout.write_blob(manifest.to_json(), media_type=MEDIA_TYPE_IMAGE_MANIFEST)
+    return layout.tag(manifest_desc, ref)
