@@ -13,6 +13,8 @@ Images are built here, not pulled: `build_pause_image` compiles ``tests/guests/p
 images of `tests.containerd_harness`; `import_k8s` imports an archive with ``ctr -n k8s.io
 images import`` and waits until the CRI plugin sees it (CRI wants full references such as
 ``docker.io/library/busybox:test``, and would try to pull a sandbox image it does not know).
+The registry tests pull through CRI instead (`CriClient.pull_image`), from a local registry
+that `CriContainerd`'s ``plain_http`` lets containerd reach over plain HTTP.
 
 Cleanup: every pod gets a cgroup parent of its own below the daemon's unique top-level path
 (`CriContainerd.pod_cgroup`); containerd removes the containers' cgroups, not that parent, so
@@ -197,7 +199,7 @@ def _seccomp(pb: ModuleType, profile: str | None) -> Any:
 
 
 class CriClient:
-    """The CRI's RuntimeService (and ImageService's ``ImageStatus``) on ``socket_path``.
+    """The CRI's RuntimeService and ImageService on ``socket_path``.
 
     The thin methods take the request's fields and return the response message; gRPC errors
     are raised as ``grpc.RpcError``. The helpers (`run_pod`, `create_container`,
@@ -255,10 +257,41 @@ class CriClient:
         """`status`'s conditions by type."""
         return {c.type: c.status for c in self.status().status.conditions}
 
-    def image_status(self, ref: str) -> Any:
-        """``ImageStatusResponse`` (its ``image`` unset when CRI does not know ``ref``)."""
-        request = self.pb.ImageStatusRequest(image=self.pb.ImageSpec(image=ref))
+    def image_status(self, ref: str, verbose: bool = False) -> Any:
+        """``ImageStatusResponse`` (its ``image`` unset when CRI does not know ``ref``;
+        ``info["info"]``, containerd's JSON with the image's config, with ``verbose``)."""
+        request = self.pb.ImageStatusRequest(image=self.pb.ImageSpec(image=ref), verbose=verbose)
         return self.call("ImageStatus", request)
+
+    def pull_image(
+        self,
+        ref: str,
+        sandbox_config: Any = None,
+        auth: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """``PullImage`` of ``ref`` (in the context of a pod's ``sandbox_config``, as a
+        kubelet sends it, when given; ``auth``: ``AuthConfig`` fields); returns the
+        response's ``image_ref``."""
+        request = self.pb.PullImageRequest(image=self.pb.ImageSpec(image=ref))
+        if sandbox_config is not None:
+            request.sandbox_config.CopyFrom(sandbox_config)
+        if auth:
+            request.auth.CopyFrom(self.pb.AuthConfig(**dict(auth)))
+        image_ref: str = self.call("PullImage", request, timeout=timeout).image_ref
+        return image_ref
+
+    def list_images(self, ref: str = "") -> list[Any]:
+        """``Image`` messages CRI knows (only ``ref``'s when given)."""
+        request = self.pb.ListImagesRequest()
+        if ref:
+            request.filter.image.image = ref
+        return list(self.call("ListImages", request).images)
+
+    def remove_image(self, ref: str) -> Any:
+        """``RemoveImage`` of ``ref`` (a name, a digest reference or an image id)."""
+        request = self.pb.RemoveImageRequest(image=self.pb.ImageSpec(image=ref))
+        return self.call("RemoveImage", request)
 
     # ----------------------------------------------------------------- pod sandboxes
 
@@ -699,6 +732,9 @@ class CriContainerd(PrivateContainerd):
     ``ConfigPath``...); ``runtime_settings``: more keys of the handler's own table
     (``pod_annotations``, ``container_annotations``, ``privileged_without_host_devices``).
     ``sandbox_image``: the pause image's reference (`cri_containerd` imports it).
+    ``plain_http``: registry hosts (``127.0.0.1:PORT``) CRI pulls from over plain HTTP: each
+    gets a ``<registry_hosts>/<host>/hosts.toml`` under the daemon's directory, which the
+    CRI plugin's ``registry.config_path`` names (set only when hosts are given).
     """
 
     def __init__(
@@ -709,6 +745,7 @@ class CriContainerd(PrivateContainerd):
         runtime_options: Mapping[str, Mapping[str, object]] | None = None,
         runtime_settings: Mapping[str, Mapping[str, object]] | None = None,
         sandbox_image: str = PAUSE_REF,
+        plain_http: Sequence[str] = (),
         debug: bool = False,
         bytecode: bool = True,
         env: Mapping[str, str] | None = None,
@@ -718,6 +755,8 @@ class CriContainerd(PrivateContainerd):
         self.runtime_options = {k: dict(v) for k, v in (runtime_options or {}).items()}
         self.runtime_settings = {k: dict(v) for k, v in (runtime_settings or {}).items()}
         self.sandbox_image = sandbox_image
+        self.plain_http = tuple(plain_http)
+        self.registry_hosts = self.base / "registry-hosts"
         self._clients: list[CriClient] = []
         self._shim_states_before: set[str] = set()
 
@@ -746,11 +785,35 @@ class CriContainerd(PrivateContainerd):
             if options:
                 lines.append(f"{table[:-1]}.options]")
                 lines += [f"          {k} = {_toml(v)}" for k, v in options.items()]
+        if self.plain_http:
+            lines += [
+                f"{cri[:-1]}.registry]",
+                f"      config_path = {_toml(str(self.registry_hosts))}",
+            ]
         return "\n".join([*lines, ""])
+
+    def _write_registry_hosts(self) -> None:
+        """One ``hosts.toml`` per `plain_http` host: that host itself, over HTTP, for pulls
+        and resolving tags."""
+        for host in self.plain_http:
+            url = f"http://{host}"
+            directory = self.registry_hosts / host
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "hosts.toml").write_text(
+                "\n".join(
+                    [
+                        f"server = {_toml(url)}",
+                        f"[host.{_toml(url)}]",
+                        '  capabilities = ["pull", "resolve"]',
+                        "",
+                    ]
+                )
+            )
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the daemon; raises `CriError` when its CRI plugin did not load."""
         self._shim_states_before = set(_listdir(SHIM_RUNC_ROOT / CRI_NAMESPACE))
+        self._write_registry_hosts()
         super().start(timeout)
         why = self.cri_plugin_error()
         if why is not None:
