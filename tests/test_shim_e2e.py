@@ -136,6 +136,37 @@ def test_wasm_output_and_exit_code(clean: PrivateContainerd, images: dict[str, s
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("kind", ["wasm", "linux"])
+def test_terminal(
+    clean: PrivateContainerd, images: dict[str, str], runtime: str, kind: str
+) -> None:
+    """``ctr run -t`` (a pty: the sandboxed Wasm process sets its controlling terminal
+    after the pivot; runc sends the master over the console socket): output and exit code
+    through the terminal. ``script`` gives ctr the terminal it wants on its own side."""
+    import shlex
+    import shutil
+
+    if shutil.which("script") is None:
+        pytest.skip("util-linux script is not installed")
+    if kind == "wasm" and runtime != SHIM_RUNTIME:
+        pytest.skip("plain runc cannot run Wasm")
+    args = ("/exit.wasm", "5") if kind == "wasm" else ("sh", "-c", "tty; exit 5")
+    argv = clean.run_argv(images[kind], f"tty-{kind}", *args, runtime_type=runtime)
+    argv.insert(argv.index("--rm") + 1, "-t")
+    done = subprocess.run(
+        ["script", "-qec", shlex.join(argv), "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert done.returncode == 5, f"{done.stdout}{done.stderr}\n{clean.log()}"
+    if kind == "linux":
+        assert "/dev/pts/" in done.stdout  # its stdio is a terminal
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_linux_output_and_exit_code(
     clean: PrivateContainerd, images: dict[str, str], runtime: str
 ) -> None:

@@ -19,7 +19,6 @@ import os
 import signal as _signal
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Mapping
 
@@ -68,7 +67,6 @@ class _Console:
         self._listener.listen(1)
         self._listener.settimeout(60)
         self.master: int | None = None
-        self._threads: list[threading.Thread] = []
         self._fds: list[int] = []
 
     def receive(self, runc_pid: int, reaper: Reaper) -> None:
@@ -100,50 +98,17 @@ class _Console:
 
     def copy(self, stdio: Stdio) -> None:
         """Start the copy threads between the master and containerd's FIFOs."""
-        master = self.master
-        assert master is not None
-        if stdio.stdout:
-            out = os.open(stdio.stdout, os.O_RDWR | os.O_CLOEXEC)
-            self._fds.append(out)
-            self._thread(master, out)
-        if stdio.stdin:
-            src = os.open(stdio.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            os.set_blocking(src, True)
-            self._fds.append(src)
-            self._thread(src, master)
+        from wasidispatch.wasmshim import _pty
 
-    def _thread(self, src: int, dst: int) -> None:
-        # the pump's own copies: `close` may close the originals while it is blocked, and a
-        # number reused meanwhile must never be read or written by it
-        src, dst = os.dup(src), os.dup(dst)
-
-        def pump() -> None:
-            try:
-                while True:
-                    data = os.read(src, 65536)
-                    if not data:
-                        return
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(dst, view) :]
-            except OSError:
-                return
-            finally:
-                os.close(src)
-                os.close(dst)
-
-        thread = threading.Thread(target=pump, name="console-copy", daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        assert self.master is not None
+        self._fds += _pty.connect(self.master, stdio, "console-copy")
 
     def resize(self, width: int, height: int) -> None:
-        import fcntl
-        import struct
-        import termios
+        from wasidispatch.wasmshim import _pty
 
         if self.master is None:
             raise ShimError("no terminal")
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+        _pty.resize(self.master, width, height)
 
     def close_listener(self) -> None:
         self._listener.close()

@@ -17,7 +17,6 @@ import json
 import os
 import signal as _signal
 import socket
-import threading
 import time
 from collections.abc import Mapping
 
@@ -73,61 +72,28 @@ def _hierarchies(cgroups: object) -> list[Hierarchy]:
 
 
 class _Terminal:
-    """A pty whose slave is the container's stdio; threads copy the master to/from the
-    FIFOs."""
+    """A pty whose slave is the container's stdio; `wasidispatch.wasmshim._pty` copies the
+    master to/from the FIFOs."""
 
     def __init__(self) -> None:
         self.master, self.slave = os.openpty()
+        self._fds: list[int] = []
 
     def copy(self, stdio: Stdio) -> None:
-        if stdio.stdout:
-            out = os.open(stdio.stdout, os.O_RDWR | os.O_CLOEXEC)
-            self._pump(self.master, out, close=out)
-        if stdio.stdin:
-            src = os.open(stdio.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            os.set_blocking(src, True)
-            self._pump(src, self.master, close=src)
+        from wasidispatch.wasmshim import _pty
 
-    def _pump(self, src: int, dst: int, *, close: int) -> None:
-        # the pump's own copy of the master: `close` may close the original while it is
-        # blocked, and a number reused meanwhile must never be read or written by it
-        if src == self.master:
-            src = os.dup(src)
-            mine = src
-        else:
-            dst = os.dup(dst)
-            mine = dst
-
-        def run() -> None:
-            try:
-                while True:
-                    data = os.read(src, 65536)
-                    if not data:
-                        return
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(dst, view) :]
-            except OSError:
-                return
-            finally:
-                with contextlib.suppress(OSError):
-                    os.close(close)
-                with contextlib.suppress(OSError):
-                    os.close(mine)
-
-        threading.Thread(target=run, name="pty-copy", daemon=True).start()
+        self._fds += _pty.connect(self.master, stdio, "pty-copy")
 
     def resize(self, width: int, height: int) -> None:
-        import fcntl
-        import struct
-        import termios
+        from wasidispatch.wasmshim import _pty
 
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+        _pty.resize(self.master, width, height)
 
     def close(self) -> None:
-        for fd in (self.master, self.slave):
+        for fd in (self.master, self.slave, *self._fds):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self._fds.clear()
 
 
 class WasmInstance:
