@@ -102,6 +102,7 @@ _EXPORTS: dict[str, str] = {
     "Spec": "wasidispatch.oci.runtime",
     "WasmConfig": "wasidispatch.oci.wasm",
     "WasmLayer": "wasidispatch.oci.layout",
+    "pack_image": "wasidispatch.oci.layout",
     "pack_wasm": "wasidispatch.oci.layout",
     "pull": "wasidispatch.oci.registry",
     "push": "wasidispatch.oci.registry",
@@ -186,7 +187,13 @@ if TYPE_CHECKING:
         Manifest,
         Platform,
     )
-    from wasidispatch.oci.layout import ImageLayout, WasmLayer, pack_wasm, wasm_layers
+    from wasidispatch.oci.layout import (
+        ImageLayout,
+        WasmLayer,
+        pack_image,
+        pack_wasm,
+        wasm_layers,
+    )
     from wasidispatch.oci.registry import pull, push
     from wasidispatch.oci.runtime import Process, Spec
     from wasidispatch.oci.wasm import WasmConfig
