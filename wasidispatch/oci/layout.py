@@ -8,10 +8,11 @@ only ever built from validated :class:`~wasidispatch.oci.image.Digest` values.
 
 :func:`pack_wasm` turns ``.wasm`` bytes into a Wasm OCI artifact (CNCF TAG Runtime layout)
 inside a layout, :func:`pack_image` into a runnable OCI image (one tar layer holding the
-``.wasm``, ``Entrypoint`` naming it: the form containerd unpacks and CRI runs), and :func:`wasm_layers` gives an executor the Wasm binaries a reference
-holds: the ``application/wasm`` layers of an artifact, or, for a plain OCI image marked with
-``run.oci.handler``/``module.wasm.image/variant``, the entrypoint file found in its rootfs
-tar layers.
+``.wasm``, ``Entrypoint`` naming it: the form containerd unpacks and CRI runs), and
+:func:`wasm_layers` gives an executor the Wasm binaries a reference holds: the
+``application/wasm`` layers of an artifact, or, for a plain OCI image marked with
+``run.oci.handler``/``module.wasm.image/variant``, the entrypoint file found in its rootfs tar
+layers.
 
 Bounds: ``oci-layout``, ``index.json`` and every manifest, index and config are read only as
 regular files (never through a symlink, never a FIFO or a device) of at most
