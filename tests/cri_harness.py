@@ -14,7 +14,7 @@ images of `tests.containerd_harness`; `import_k8s` imports an archive with ``ctr
 images import`` and waits until the CRI plugin sees it (CRI wants full references such as
 ``docker.io/library/busybox:test``, and would try to pull a sandbox image it does not know).
 The registry tests pull through CRI instead (`CriClient.pull_image`), from a local registry
-that `CriContainerd`'s ``plain_http`` lets containerd reach over plain HTTP.
+that `CriContainerd`'s ``registry_hosts`` lets containerd reach over plain HTTP.
 
 Cleanup: every pod gets a cgroup parent of its own below the daemon's unique top-level path
 (`CriContainerd.pod_cgroup`); containerd removes the containers' cgroups, not that parent, so
@@ -282,7 +282,8 @@ class CriClient:
         return image_ref
 
     def list_images(self, ref: str = "") -> list[Any]:
-        """``Image`` messages CRI knows (only ``ref``'s when given)."""
+        """``Image`` messages CRI knows (the filter, ``ref``, is sent when given: containerd
+        1.6 ignores it and lists every image)."""
         request = self.pb.ListImagesRequest()
         if ref:
             request.filter.image.image = ref
@@ -732,9 +733,10 @@ class CriContainerd(PrivateContainerd):
     ``ConfigPath``...); ``runtime_settings``: more keys of the handler's own table
     (``pod_annotations``, ``container_annotations``, ``privileged_without_host_devices``).
     ``sandbox_image``: the pause image's reference (`cri_containerd` imports it).
-    ``plain_http``: registry hosts (``127.0.0.1:PORT``) CRI pulls from over plain HTTP: each
-    gets a ``<registry_hosts>/<host>/hosts.toml`` under the daemon's directory, which the
-    CRI plugin's ``registry.config_path`` names (set only when hosts are given).
+    ``registry_hosts``: registry host as image references name it -> the ``host:port``
+    containerd pulls it from over plain HTTP (the same host, or a loopback address for a
+    name nothing resolves): each gets a ``hosts.toml`` in `registry_config`, the directory
+    the CRI plugin's ``registry.config_path`` names (set only when hosts are given).
     """
 
     def __init__(
@@ -745,7 +747,7 @@ class CriContainerd(PrivateContainerd):
         runtime_options: Mapping[str, Mapping[str, object]] | None = None,
         runtime_settings: Mapping[str, Mapping[str, object]] | None = None,
         sandbox_image: str = PAUSE_REF,
-        plain_http: Sequence[str] = (),
+        registry_hosts: Mapping[str, str] | None = None,
         debug: bool = False,
         bytecode: bool = True,
         env: Mapping[str, str] | None = None,
@@ -755,8 +757,8 @@ class CriContainerd(PrivateContainerd):
         self.runtime_options = {k: dict(v) for k, v in (runtime_options or {}).items()}
         self.runtime_settings = {k: dict(v) for k, v in (runtime_settings or {}).items()}
         self.sandbox_image = sandbox_image
-        self.plain_http = tuple(plain_http)
-        self.registry_hosts = self.base / "registry-hosts"
+        self.registry_hosts = dict(registry_hosts or {})
+        self.registry_config = self.base / "registry-hosts"
         self._clients: list[CriClient] = []
         self._shim_states_before: set[str] = set()
 
@@ -785,19 +787,19 @@ class CriContainerd(PrivateContainerd):
             if options:
                 lines.append(f"{table[:-1]}.options]")
                 lines += [f"          {k} = {_toml(v)}" for k, v in options.items()]
-        if self.plain_http:
+        if self.registry_hosts:
             lines += [
                 f"{cri[:-1]}.registry]",
-                f"      config_path = {_toml(str(self.registry_hosts))}",
+                f"      config_path = {_toml(str(self.registry_config))}",
             ]
         return "\n".join([*lines, ""])
 
     def _write_registry_hosts(self) -> None:
-        """One ``hosts.toml`` per `plain_http` host: that host itself, over HTTP, for pulls
-        and resolving tags."""
-        for host in self.plain_http:
-            url = f"http://{host}"
-            directory = self.registry_hosts / host
+        """``<registry_config>/<host>/hosts.toml`` per `registry_hosts` entry: its address
+        over HTTP as the server and the one host, for pulls and resolving tags."""
+        for host, address in self.registry_hosts.items():
+            url = f"http://{address}"
+            directory = self.registry_config / host
             directory.mkdir(parents=True, exist_ok=True)
             (directory / "hosts.toml").write_text(
                 "\n".join(
