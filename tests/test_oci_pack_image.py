@@ -432,16 +432,8 @@ def test_ctr_imports_and_runs_the_image(containerd: PrivateContainerd, hello: by
     assert (out.returncode, out.stdout) == (0, "packed\n"), f"{out.stderr}\n{containerd.log()}"
 
 
-COMPONENT_THREADS = (
-    "the shim refuses a component today: the wasmtime engine has started threads before the "
-    'sandbox ("sandbox: the container process has 3 threads ... a thread would stay outside '
-    'the sandbox")'
-)
-
-
 @pytest.mark.e2e
 @needs_shim
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=COMPONENT_THREADS)
 def test_ctr_runs_a_component_image(containerd: PrivateContainerd) -> None:
     """A WASI preview 2 component in an image (the wasmtime engine runs components)."""
     layout = ImageLayout.create(containerd.base / "component")
@@ -562,7 +554,6 @@ def test_cri_runs_the_image(node: Any, cri: Any, hello: bytes, tmp_path: Path) -
 @pytest.mark.e2e
 @needs_shim
 @needs_grpc
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=COMPONENT_THREADS)
 def test_cri_runs_a_component_image(node: Any, cri: Any, tmp_path: Path) -> None:
     import grpc  # type: ignore[import-untyped,unused-ignore]
 

@@ -238,27 +238,24 @@ def _executor(engine: str | None, cache_dir: str | None) -> object:
 
 
 def serial_engines(executor: object, names: Sequence[str]) -> None:
-    """Construct ``names``' thread-free engines in ``executor`` now (the library loaded, no
-    compile), compiling on the calling thread: a compile in a container (a cache miss) must
-    leave no thread behind, since only the calling thread enters the sandbox. Engines that
-    start threads anyway (wasmer-sdk's event loop) are left to be made in the container,
-    which the sandbox then refuses."""
-    from wasidispatch.executor import WasmExecutor
+    """Make every wasmtime engine this process constructs compile on the calling thread (a
+    compile in a container, on a cache miss, must leave no thread behind: only the calling
+    thread enters the sandbox), and construct ``names``' thread-free engines in ``executor``
+    now (the library loaded, nothing compiled). Engines that start threads anyway
+    (wasmer-sdk's event loop) are made in the container, which the sandbox then refuses.
+    For a process that forks containers (the zygote) or is one (``wasidispatch-runc``)."""
+    from wasidispatch import executor as module
 
-    assert isinstance(executor, WasmExecutor)
+    assert isinstance(executor, module.WasmExecutor)
+    for name in _THREAD_FREE:
+        module._ENGINE_OPTIONS[name] = {
+            **module._ENGINE_OPTIONS.get(name, {}),
+            "parallel_compilation": False,
+        }
     for name in names:
-        if name not in _THREAD_FREE:
-            continue
-        with contextlib.suppress(Exception):
-            if name == "wasmtime":
-                from wasidispatch.engines.wasmtime import WasmtimeEngine
-
-                executor._loaded[name] = WasmtimeEngine(parallel_compilation=False)
-            elif name == "wasmtime-fast":
-                from wasidispatch.engines._wasmtime_cffi._engine import FastWasmtimeEngine
-
-                executor._loaded[name] = FastWasmtimeEngine(parallel_compilation=False)
-            executor._engine(name)
+        if name in _THREAD_FREE:
+            with contextlib.suppress(Exception):
+                executor._engine(name)
 
 
 def _spawn(
