@@ -6,7 +6,8 @@ Submodules:
 - :mod:`wasidispatch.oci.image`: ``Digest``, ``Descriptor``, ``Manifest``, ``Index``,
   ``ImageConfig``, ``Platform``, ``LayoutHeader``.
 - :mod:`wasidispatch.oci.wasm`: ``WasmConfig`` and the Wasm media types and annotations.
-- :mod:`wasidispatch.oci.layout`: ``ImageLayout`` (a directory), ``pack_wasm``, ``wasm_layers``.
+- :mod:`wasidispatch.oci.layout`: ``ImageLayout`` (a directory), ``pack_wasm`` (the artifact),
+  ``pack_image`` (a runnable image), ``wasm_layers``.
 - :mod:`wasidispatch.oci.bundle`: ``Bundle`` (a runtime bundle directory).
 - :mod:`wasidispatch.oci.registry`: ``pull``/``push`` (needs the ``registry`` extra).
 
@@ -35,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "Features": "wasidispatch.oci.runtime",
     "WasmConfig": "wasidispatch.oci.wasm",
     "WasmLayer": "wasidispatch.oci.layout",
+    "pack_image": "wasidispatch.oci.layout",
     "pack_wasm": "wasidispatch.oci.layout",
     "wasm_layers": "wasidispatch.oci.layout",
     "pull": "wasidispatch.oci.registry",
@@ -57,6 +59,7 @@ __all__ = [
     "State",
     "WasmConfig",
     "WasmLayer",
+    "pack_image",
     "pack_wasm",
     "pull",
     "push",
@@ -74,7 +77,13 @@ if TYPE_CHECKING:
         Manifest,
         Platform,
     )
-    from wasidispatch.oci.layout import ImageLayout, WasmLayer, pack_wasm, wasm_layers
+    from wasidispatch.oci.layout import (
+        ImageLayout,
+        WasmLayer,
+        pack_image,
+        pack_wasm,
+        wasm_layers,
+    )
     from wasidispatch.oci.registry import pull, push
     from wasidispatch.oci.runtime import Features, Process, Spec, State
     from wasidispatch.oci.wasm import WasmConfig
