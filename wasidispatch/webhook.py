@@ -40,7 +40,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -149,8 +149,8 @@ def normalize_image(image: str) -> str:
         'docker.io/library/busybox:latest'
         >>> normalize_image("127.0.0.1:5000/wasm/app:1")
         '127.0.0.1:5000/wasm/app:1'
-        >>> normalize_image("ghcr.io/o/app:v2@sha256:" + "a" * 64)[-16:]
-        '@sha256:aaaaaaaa'
+        >>> normalize_image("ghcr.io/o/app:v2@sha256:" + "a" * 64)[:32]
+        'ghcr.io/o/app@sha256:aaaaaaaaaaa'
     """
     name, at, digest = image.partition("@")
     if at and not _DIGEST.fullmatch(digest):
@@ -457,7 +457,9 @@ class Admission:
         self._classifier = classifier or _classify_with(platform, insecure)
         self._cache = _Cache(cache_ttl, cache_size)
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="webhook-classify")
-        self._inflight: dict[str, asyncio.Future[Decision]] = {}
+        # Futures of the pool, not of an event loop: reviews on any loop can share them.
+        self._inflight: dict[str, Future[Decision]] = {}
+        self._lock = threading.RLock()  # a future done already runs its callback at once
 
     def close(self) -> None:
         """Stop the classify threads (those running finish on their own timeout)."""
@@ -509,10 +511,9 @@ class Admission:
         return Outcome(review.uid, True, "allowed as is: no Wasm image", images=verdicts)
 
     async def _classify_all(self, images: tuple[str, ...]) -> tuple[ImageVerdict, ...]:
-        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.timeout
         verdicts: dict[str, ImageVerdict] = {}
-        waiting: dict[str, tuple[str, asyncio.Future[Decision]]] = {}
+        waiting: dict[str, tuple[str, Future[Decision]]] = {}
         for image in images:
             try:
                 reference = normalize_image(image)
@@ -523,25 +524,32 @@ class Admission:
             if decision is not None:
                 verdicts[image] = _verdict(image, reference, decision, cached=True)
                 continue
-            future = self._inflight.get(reference)
-            if future is None:
-                future = loop.run_in_executor(self._pool, self._run, reference, deadline)
-                self._inflight[reference] = future
-                future.add_done_callback(functools.partial(self._settle, reference))
-            waiting[image] = (reference, future)
+            waiting[image] = (reference, self._submit(reference, deadline))
         if waiting:
-            # Not cancelled at the deadline: a late answer still fills the cache.
-            pending = {f for _, f in waiting.values()}
+            # Waited for, never cancelled: a late answer still fills the cache.
+            pending = {asyncio.wrap_future(f) for _, f in waiting.values()}
             await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
         for image, (reference, future) in waiting.items():
             if not future.done():
                 error = f"no answer within the deadline of {self.timeout:g} s"
                 verdicts[image] = ImageVerdict(image, reference, error=error)
+            elif future.cancelled():
+                verdicts[image] = ImageVerdict(image, reference, error="the webhook is stopping")
             elif (failure := future.exception()) is not None:
                 verdicts[image] = ImageVerdict(image, reference, error=_describe(failure))
             else:
                 verdicts[image] = _verdict(image, reference, future.result(), cached=False)
         return tuple(verdicts[image] for image in images)
+
+    def _submit(self, reference: str, deadline: float) -> Future[Decision]:
+        """The classify of ``reference`` under way (another review's), or a new one."""
+        with self._lock:
+            future = self._inflight.get(reference)
+            if future is None:
+                future = self._pool.submit(self._run, reference, deadline)
+                self._inflight[reference] = future
+                future.add_done_callback(functools.partial(self._settle, reference))
+            return future
 
     def _run(self, reference: str, deadline: float) -> Decision:
         left = deadline - time.monotonic()  # queued behind other images: less is left
@@ -549,15 +557,15 @@ class Admission:
             raise TimeoutError("the deadline passed before a thread was free")
         return self._classifier(reference, left)
 
-    def _settle(self, reference: str, future: asyncio.Future[Decision]) -> None:
-        self._inflight.pop(reference, None)
-        if future.cancelled():
-            return
-        exc = future.exception()  # retrieved, so never reported as unhandled
-        if exc is None:
-            self._cache.put(reference, future.result())
-        elif not isinstance(exc, WasiDispatchError | OSError):
-            log.error("classify %s failed unexpectedly", reference, exc_info=exc)
+    def _settle(self, reference: str, future: Future[Decision]) -> None:
+        if not future.cancelled():
+            exc = future.exception()
+            if exc is None:
+                self._cache.put(reference, future.result())
+            elif not isinstance(exc, WasiDispatchError | OSError):
+                log.error("classify %s failed unexpectedly", reference, exc_info=exc)
+        with self._lock:
+            self._inflight.pop(reference, None)
 
 
 def _verdict(image: str, reference: str, decision: Decision, *, cached: bool) -> ImageVerdict:
