@@ -528,6 +528,8 @@ class Admission:
         if waiting:
             # Waited for, never cancelled: a late answer still fills the cache.
             pending = {asyncio.wrap_future(f) for _, f in waiting.values()}
+            for wrapper in pending:  # read below from the pool's future, and late ones never
+                wrapper.add_done_callback(_retrieve)
             await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
         for image, (reference, future) in waiting.items():
             if not future.done():
@@ -566,6 +568,11 @@ class Admission:
                 log.error("classify %s failed unexpectedly", reference, exc_info=exc)
         with self._lock:
             self._inflight.pop(reference, None)
+
+
+def _retrieve(future: asyncio.Future[Decision]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _verdict(image: str, reference: str, decision: Decision, *, cached: bool) -> ImageVerdict:
