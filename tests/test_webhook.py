@@ -63,6 +63,7 @@ EXPECTED: dict[str, str | None] = {
     "deployment-wasm": TEMPLATE,
     "deployment-update-wasm": TEMPLATE,
     "replicaset-wasm": TEMPLATE,
+    "replicaset-from-deployment": None,
     "daemonset-wasm": TEMPLATE,
     "job-wasm": TEMPLATE,
     "cronjob-wasm": CRON,
@@ -193,6 +194,24 @@ def test_parse_reads_images_of_containers_and_init_containers_once() -> None:
     for name in ("pod-ephemeral-subresource", "pod-delete", "pod-update-labels"):
         assert _review(name).spec_path is None, name
     assert _review("deployment-update-wasm").spec_path == ("spec", "template", "spec")
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("pod-ephemeral-subresource", "the ephemeralcontainers subresource"),
+        ("pod-delete", "a DELETE"),
+        ("pod-update-labels", "an UPDATE: a Pod's pod spec keeps the runtimeClassName"),
+        ("replicaset-from-deployment", "controlled by Deployment/hello: its Pods are reviewed"),
+    ],
+)
+def test_what_is_left_alone_says_why(name: str, reason: str) -> None:
+    catalog = Catalog(KINDS)
+    outcome = _decide(Admission("wasidispatch", classifier=catalog), _review(name))
+    assert outcome.allowed
+    assert outcome.patch == ()
+    assert reason in outcome.reason
+    assert catalog.calls == []
 
 
 def test_a_named_runtime_class_is_left_alone_without_reading_the_registry() -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import json
 import logging
@@ -194,7 +195,9 @@ class Review:
     ``spec_path`` is the path of the pod spec in the object (see `POD_SPEC_PATHS`), ``None``
     for an object without one, an operation other than CREATE or UPDATE, or a subresource.
     ``images`` are those of ``containers`` and ``initContainers``, in order, each once.
-    ``runtime_class`` is the pod spec's ``runtimeClassName`` when it names one.
+    ``runtime_class`` is the pod spec's ``runtimeClassName`` when it names one. ``skipped``
+    says why there is no ``spec_path`` (a DELETE, a subresource, an UPDATE of a Pod or Job, a
+    workload that another controls).
     """
 
     uid: str
@@ -207,6 +210,7 @@ class Review:
     spec_path: tuple[str, ...] | None = None
     runtime_class: str | None = None
     images: tuple[str, ...] = ()
+    skipped: str = ""
 
     @property
     def subject(self) -> str:
@@ -228,6 +232,15 @@ def _field(doc: Mapping[str, Any], key: str, kind: type, where: str, required: b
     if not isinstance(value, kind):
         raise SpecError(f"{where}.{key}: expected {_JSON_NAMES[kind]}")
     return value
+
+
+def _controller(meta: Mapping[str, Any]) -> str:
+    """``Kind/name`` of the object's controller (its ``ownerReferences``), or ``""``."""
+    owners = _field(meta, "ownerReferences", list, "request.object.metadata", False) or []
+    for owner in owners:
+        if isinstance(owner, dict) and owner.get("controller") is True:
+            return f"{owner.get('kind')}/{owner.get('name')}"
+    return ""
 
 
 def parse_review(
@@ -267,23 +280,32 @@ def parse_review(
     sub_resource = _field(request, "subResource", str, "request", False) or ""
     namespace = _field(request, "namespace", str, "request", False) or ""
     obj = _field(request, "object", dict, "request", False)
+    meta = (_field(obj, "metadata", dict, "request.object", False) or {}) if obj else {}
     name = _field(request, "name", str, "request", False) or ""
-    if not name and obj is not None:
-        meta = _field(obj, "metadata", dict, "request.object", False) or {}
+    if not name:
         name = _field(meta, "name", str, "request.object.metadata", False) or ""
         if not name:
             generate = _field(meta, "generateName", str, "request.object.metadata", False)
             name = f"{generate}*" if generate else ""
     review = Review(uid, operation, group, kind_name, namespace, name, sub_resource)
     path = POD_SPEC_PATHS.get((group, kind_name))
-    if (
-        path is None
-        or obj is None
-        or sub_resource
-        or operation not in ("CREATE", "UPDATE")
-        or (operation == "UPDATE" and (group, kind_name) in _CREATE_ONLY)
-    ):
-        return review
+    skip = ""
+    if path is None:
+        skip = f"a {kind_name} has no pod spec"
+    elif operation not in ("CREATE", "UPDATE"):
+        skip = f"a {operation}"
+    elif sub_resource:
+        skip = f"the {sub_resource} subresource"
+    elif obj is None:
+        skip = "no object in the request"
+    elif operation == "UPDATE" and (group, kind_name) in _CREATE_ONLY:
+        skip = f"an UPDATE: a {kind_name}'s pod spec keeps the runtimeClassName it was created with"
+    elif (group, kind_name) != ("", "Pod") and (owner := _controller(meta)):
+        # Its controller compares the template with its own (a Deployment's ReplicaSets): a
+        # patch here would start a fight. The Pods it makes are reviewed instead.
+        skip = f"controlled by {owner}: its Pods are reviewed instead"
+    if skip or path is None or obj is None:
+        return dataclasses.replace(review, skipped=skip)
     spec: dict[str, Any] = obj
     where = "request.object"
     for key in path:
@@ -480,7 +502,7 @@ class Admission:
 
     async def _decide(self, review: Review) -> Outcome:
         if review.spec_path is None:
-            return Outcome(review.uid, True, "allowed, nothing to do (no pod spec to mutate)")
+            return Outcome(review.uid, True, f"allowed as is: {review.skipped or 'no pod spec'}")
         if review.runtime_class is not None:
             reason = f"allowed as is: it names runtimeClassName {review.runtime_class}"
             return Outcome(review.uid, True, reason)
