@@ -38,6 +38,7 @@ from wasidispatch.webhook import (
     Admission,
     Outcome,
     Review,
+    TlsFiles,
     WebhookServer,
     normalize_image,
     parse_review,
@@ -484,13 +485,12 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+def _make_pki(d: Path) -> Pki:
     """A self-signed CA and a server certificate for the webhook's Service name, localhost
     and 127.0.0.1 signed by it, as cert-manager or a setup script would make them."""
     if OPENSSL is None:
         pytest.skip("the openssl CLI is not installed")
-    d = tmp_path_factory.mktemp("pki")
+    d.mkdir(parents=True, exist_ok=True)
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     _openssl(
         "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
@@ -516,6 +516,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         "-CAcreateserial", "-out", "tls.crt", "-days", "2", "-extfile", "ext.cnf", cwd=d,
     )  # fmt: skip
     return Pki(d / "ca.crt", d / "tls.crt", d / "tls.key")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """`_make_pki` once for the module."""
+    return _make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _free_port() -> int:
@@ -722,6 +728,33 @@ def test_served_certificate_is_checked(served: Served) -> None:
     with pytest.raises(ssl.SSLCertVerificationError):
         conn.request("GET", "/healthz")
     conn.close()
+
+
+def _health(port: int, ca: Path) -> bytes:
+    context = ssl.create_default_context(cafile=str(ca))
+    return _post(Served(port, context, ""), b"", None, "/healthz", "GET")[2]
+
+
+def test_a_renewed_certificate_is_served_after_reload(pki: Pki, tmp_path: Path) -> None:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(pki.cert, cert)
+    shutil.copy(pki.key, key)
+    files = TlsFiles(cert, key)
+    admission = Admission("wasidispatch", classifier=Catalog(KINDS))
+    with WebhookServer(admission, files) as server:
+        assert _health(server.port, pki.ca) == b"ok\n"
+        assert files.reload() is False  # unchanged
+        key.write_text("not a key\n")  # renewal half done: the old pair stays
+        assert files.reload() is False
+        assert _health(server.port, pki.ca) == b"ok\n"
+        renewed = _make_pki(tmp_path / "renewed")  # another CA, as after a CA rotation
+        for src, dst in ((renewed.cert, cert), (renewed.key, key)):
+            shutil.copy(src, dst.with_suffix(".new"))
+            dst.with_suffix(".new").replace(dst)  # swapped, as a Secret volume does
+        assert files.reload() is True
+        assert _health(server.port, renewed.ca) == b"ok\n"
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _health(server.port, pki.ca)
 
 
 def test_tls_context_refuses_bad_files(pki: Pki) -> None:

@@ -11,7 +11,8 @@ The logic is apart from the server: `parse_review` reads a request body (raising
 `SpecError`, which the server answers with HTTP 400), `Admission.decide` classifies the
 images (in threads, cached per image, all within one deadline) and returns an `Outcome`,
 whose `Outcome.review` is the answer. `WebhookServer` and `serve` put it on HTTPS with
-aiohttp (``pip install 'wasidispatch[webhook]'``); aiohttp is imported only there.
+aiohttp (``pip install 'wasidispatch[webhook]'``; imported only there), `TlsFiles` a
+certificate that follows its renewals.
 
 Example::
 
@@ -33,6 +34,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -48,8 +50,6 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from wasidispatch.errors import SpecError, WasiDispatchError
 
 if TYPE_CHECKING:
-    import os
-
     from aiohttp import web
 
 __all__ = [
@@ -59,12 +59,14 @@ __all__ = [
     "MAX_REVIEW_BYTES",
     "MUTATE_PATH",
     "POD_SPEC_PATHS",
+    "RELOAD_INTERVAL",
     "Admission",
     "Classifier",
     "Decision",
     "ImageVerdict",
     "Outcome",
     "Review",
+    "TlsFiles",
     "WebhookServer",
     "make_app",
     "normalize_image",
@@ -631,6 +633,55 @@ def tls_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ss
     return context
 
 
+class TlsFiles:
+    """A server TLS context for a PEM certificate chain and key on disk that follows their
+    renewal: `context` hands each new connection the pair last loaded; `reload` loads the
+    files again when they changed (a Secret volume swaps them, cert-manager renews them) and
+    keeps the pair it has when the new one does not load. Raises `SpecError` when the
+    first pair does not load."""
+
+    def __init__(self, cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> None:
+        self.cert = cert
+        self.key = key
+        self._stamp = self._files()
+        self._current = tls_context(cert, key)
+        self.context = tls_context(cert, key)
+        self.context.sni_callback = self._pick  # called for every ClientHello, SNI or not
+
+    def _pick(self, connection: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        connection.context = self._current
+
+    def _files(self) -> tuple[tuple[int, int, int, int], ...]:
+        stamps = []
+        for path in (self.cert, self.key):
+            try:
+                st = os.stat(path)  # through the Secret volume's symlinks
+            except OSError:
+                stamps.append((0, 0, 0, 0))
+            else:
+                stamps.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
+
+    def reload(self) -> bool:
+        """Load the files again if they changed since the last load; True when a new pair
+        is now served."""
+        stamp = self._files()
+        if stamp == self._stamp:
+            return False
+        try:
+            fresh = tls_context(self.cert, self.key)
+        except SpecError as exc:  # half-written, or the key of another certificate
+            log.warning("keeping the TLS certificate in use: %s", exc)
+            return False
+        self._current, self._stamp = fresh, stamp
+        log.info("reloaded the TLS certificate %s", self.cert)
+        return True
+
+
+#: How often `serve` looks for a renewed certificate, seconds (SIGHUP: at once).
+RELOAD_INTERVAL = 60.0
+
+
 def make_app(admission: Admission) -> web.Application:
     """The aiohttp application: ``POST /mutate`` reviews, ``GET /healthz`` answers ``ok``."""
     from aiohttp import web
@@ -691,12 +742,12 @@ class WebhookServer:
     def __init__(
         self,
         admission: Admission,
-        ssl_context: ssl.SSLContext,
+        tls: ssl.SSLContext | TlsFiles,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         self.admission = admission
-        self.ssl_context = ssl_context
+        self.tls = tls
         self._sock = _listen(host, port)
         self.port: int = self._sock.getsockname()[1]
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -731,7 +782,7 @@ class WebhookServer:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            await _serve(self.admission, self._sock, self.ssl_context, self._stop, self._ready)
+            await _serve(self.admission, self._sock, self.tls, self._stop, self._ready)
 
         try:
             asyncio.run(main())
@@ -744,16 +795,17 @@ class WebhookServer:
 async def _serve(
     admission: Admission,
     sock: socket.socket,
-    ssl_context: ssl.SSLContext,
+    tls: ssl.SSLContext | TlsFiles,
     stop: asyncio.Event,
     ready: threading.Event | None = None,
 ) -> None:
     from aiohttp import web
 
+    context = tls.context if isinstance(tls, TlsFiles) else tls
     runner = web.AppRunner(make_app(admission), access_log=None, shutdown_timeout=admission.timeout)
     await runner.setup()
     try:
-        await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+        await web.SockSite(runner, sock, ssl_context=context).start()
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -762,9 +814,16 @@ async def _serve(
         admission.close()
 
 
-def serve(admission: Admission, ssl_context: ssl.SSLContext, host: str, port: int) -> None:
+async def _follow(tls: TlsFiles) -> None:
+    while True:
+        await asyncio.sleep(RELOAD_INTERVAL)
+        tls.reload()
+
+
+def serve(admission: Admission, tls: ssl.SSLContext | TlsFiles, host: str, port: int) -> None:
     """Serve the webhook on ``host:port`` until SIGTERM or SIGINT, then finish the requests in
-    flight (what a Kubernetes Deployment needs)."""
+    flight (what a Kubernetes Deployment needs). With `TlsFiles`, a renewed certificate is
+    picked up within `RELOAD_INTERVAL` seconds, or at once on SIGHUP."""
     sock = _listen(host, port)
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     log.info(
@@ -781,7 +840,15 @@ def serve(admission: Admission, ssl_context: ssl.SSLContext, host: str, port: in
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await _serve(admission, sock, ssl_context, stop)
+        follower = None
+        if isinstance(tls, TlsFiles):
+            loop.add_signal_handler(signal.SIGHUP, tls.reload)
+            follower = asyncio.create_task(_follow(tls))
+        try:
+            await _serve(admission, sock, tls, stop)
+        finally:
+            if follower is not None:
+                follower.cancel()
         log.info("stopped")
 
     asyncio.run(main())

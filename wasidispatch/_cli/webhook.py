@@ -2,7 +2,8 @@
 
 Serves ``AdmissionReview`` v1 on ``https://HOST:PORT/mutate`` (and ``GET /healthz``) until
 SIGTERM or SIGINT: a Pod, or a workload's pod template, with a Wasm image gets
-``runtimeClassName`` (``--runtime-class``). One log line per image (its kind and the
+``runtimeClassName`` (``--runtime-class``). A renewed certificate is picked up within a
+minute, or at once on SIGHUP. One log line per image (its kind and the
 evidence) and one per decision on stderr. Exit status 0 after a clean stop; a bad option,
 certificate or address is one line on stderr and status 1.
 """
@@ -110,7 +111,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT."""
-    from wasidispatch.webhook import Admission, serve, tls_context
+    from wasidispatch.webhook import Admission, TlsFiles, serve
 
     logging.basicConfig(
         stream=sys.stderr,
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    context = tls_context(args.tls_cert, args.tls_key)
+    tls = TlsFiles(args.tls_cert, args.tls_key)
     admission = Admission(
         args.runtime_class,
         fail=args.fail,
@@ -135,5 +136,5 @@ def run(args: argparse.Namespace) -> int:
         cache_ttl=args.cache_ttl,
     )
     host, port = args.listen
-    serve(admission, context, host, port)
+    serve(admission, tls, host, port)
     return 0
