@@ -737,7 +737,8 @@ def _listen(host: str, port: int) -> socket.socket:
 class WebhookServer:
     """The webhook on HTTPS in a thread of its own (for embedding and tests): `start`
     binds ``host:port`` (``0``: a free port, see `port`) and returns once it serves; `stop`
-    finishes the requests in flight and returns. Also a context manager."""
+    finishes the requests in flight, closes the `Admission` and returns. Also a context
+    manager."""
 
     def __init__(
         self,
