@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "API_VERSION",
+    "DEFAULT_CACHE_SIZE",
+    "DEFAULT_CACHE_TTL",
     "DEFAULT_TIMEOUT",
     "HEALTH_PATH",
     "MAX_REVIEW_BYTES",
@@ -71,6 +73,7 @@ __all__ = [
     "make_app",
     "normalize_image",
     "parse_review",
+    "registry_host",
     "serve",
     "tls_context",
 ]
