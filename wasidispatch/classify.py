@@ -318,6 +318,9 @@ class _Rootfs:
             entry = layer.entries.get(path)
             if entry is not None:
                 return _Loc(path, entry, layer)
+            if not layer.complete:
+                raise _NeedMore(path)  # what follows in this layer may still hold it
+            # Absent from this layer: do the layers below show through?
             if path in layer.whiteouts or any(a in layer.whiteouts for a in ancestors):
                 return None
             if any(d in layer.opaque for d in parent_dirs):
@@ -326,8 +329,6 @@ class _Rootfs:
                 above = layer.entries.get(a)
                 if above is not None and above.kind != "dir":
                     return None  # a file over a directory hides what is under it
-            if not layer.complete:
-                raise _NeedMore(path)
         return None
 
     def resolve(self, path: str, shown: str) -> _Loc | None:
