@@ -328,6 +328,8 @@ def test_concurrent_reviews_of_one_image_share_one_classify() -> None:
     outcomes = asyncio.run(both())
     assert [o.patch[0]["path"] for o in outcomes] == [SPEC, TEMPLATE]
     assert len(catalog.calls) == 1
+    # the second waited on the first's classify: not answered from the cache
+    assert [v.cached for o in outcomes for v in o.images] == [False, False]
 
 
 def test_the_deadline_answers_without_the_registry_and_a_late_answer_is_kept() -> None:
