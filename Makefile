@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 
 # Debian packages the tests and the demo use (installed when missing and we are root).
 DEBS := runc crun busybox-static clang lld wasi-libc libclang-rt-14-dev-wasm32 skopeo \
-        docker-registry containerd libmagic1 gcc libc6-dev libseccomp2
+        docker-registry containerd libmagic1 gcc libc6-dev libseccomp2 openssl
 
 .PHONY: demo test lint typecheck pytest bench system-deps fixtures clean
 

@@ -107,6 +107,9 @@ _EXPORTS: dict[str, str] = {
     "pull": "wasidispatch.oci.registry",
     "push": "wasidispatch.oci.registry",
     "wasm_layers": "wasidispatch.oci.layout",
+    # images classified before scheduling
+    "ImageDecision": "wasidispatch.classify",
+    "classify": "wasidispatch.classify",
     # node set-up (containerd's config)
     "InstallResult": "wasidispatch.node",
     "install_runtime": "wasidispatch.node",
@@ -119,6 +122,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from wasidispatch.cache import CachedArtifact, CacheEntry, CacheStats, PrecompileCache
+    from wasidispatch.classify import ImageDecision, classify
     from wasidispatch.detect import Detected as Detected
     from wasidispatch.detect import ElfInfo as ElfInfo
     from wasidispatch.detect import ScriptInfo as ScriptInfo

@@ -26,7 +26,9 @@ _SUBCOMMANDS: tuple[str, ...] = (
     "push",
     "cache",
     "engines",
+    "classify",
     "node",
+    "webhook",
 )
 
 
