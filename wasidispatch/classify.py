@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gzip
 import importlib
 import io
@@ -83,6 +84,7 @@ from wasidispatch.errors import RegistryError, SpecError
 
 if TYPE_CHECKING:
     from wasidispatch.oci.image import Descriptor, ImageConfig, Index, Manifest
+    from wasidispatch.oci.layout import ImageLayout
     from wasidispatch.oci.registry import _Client
 
 __all__ = ["CACHE_SIZE", "MAX_ENTRIES", "Classifier", "ImageDecision", "classify"]
@@ -628,26 +630,33 @@ class _Source(Protocol):
     def layer(self, descriptor: Descriptor) -> contextlib.AbstractContextManager[io.BufferedReader]:
         """A layer's bytes as a stream, closed (mid-way or not) when the block ends."""
 
+    def prefetch(self, descriptor: Descriptor) -> None:
+        """A hint: this layer is likely read next."""
+
     def check_deadline(self, cause: BaseException | None = None) -> None:
         """Raise the typed error of a passed deadline."""
 
 
 class _LayoutSource:
     def __init__(self, path: str, tag: str | None, deadline_at: float | None) -> None:
-        from wasidispatch.oci.layout import ImageLayout
-
-        self.layout = ImageLayout(path)
+        self.path = os.path.abspath(path)
         self.tag = tag
-        self.scope = f"layout:{self.layout.path}"
+        self.scope = f"layout:{self.path}"
         self.deadline_at = deadline_at
         self.bytes_read = 0
         self._top: Descriptor | None = None
+
+    @functools.cached_property
+    def layout(self) -> ImageLayout:
+        from wasidispatch.oci.layout import ImageLayout
+
+        return ImageLayout(self.path)
 
     def _descriptor(self) -> Descriptor:
         if self._top is None:
             from wasidispatch.oci.layout import ImageLayout
 
-            layout = ImageLayout.open(self.layout.path)
+            layout = ImageLayout.open(self.path)
             manifests = layout.index().manifests
             if self.tag is None:
                 found = manifests
@@ -666,7 +675,27 @@ class _LayoutSource:
         return self._top
 
     def digest(self) -> str | None:
-        return str(self._descriptor().digest)
+        # index.json read once as plain JSON: enough to find a cached decision (its digest
+        # names content already validated); a miss goes through the full, validating open.
+        from wasidispatch import _fs
+        from wasidispatch.oci.layout import MAX_MANIFEST_SIZE
+
+        try:
+            data = _fs.read_regular(
+                os.path.join(self.path, "index.json"), limit=MAX_MANIFEST_SIZE, follow=False
+            )
+            manifests = json.loads(data)["manifests"]
+            found = [
+                d["digest"]
+                for d in manifests
+                if self.tag is None
+                or (d.get("annotations") or {}).get("org.opencontainers.image.ref.name") == self.tag
+            ]
+        except (SpecError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            return None
+        if len(found) == 1 and isinstance(found[0], str):
+            return found[0]
+        return None
 
     def top(self) -> tuple[str, bytes]:
         descriptor = self._descriptor()
@@ -678,6 +707,9 @@ class _LayoutSource:
         data = self.layout.read_blob(descriptor, max_size=MAX_MANIFEST_SIZE)
         self.bytes_read += len(data)
         return data
+
+    def prefetch(self, descriptor: Descriptor) -> None:
+        pass  # a local file opens at once
 
     @contextlib.contextmanager
     def layer(self, descriptor: Descriptor) -> Iterator[io.BufferedReader]:
@@ -742,28 +774,20 @@ class _RegistrySource:
         self.scope = f"registry:{container.registry}/{container.api_prefix}"
         self.bytes_read = 0
         self._digest: str | None = container.digest or None
-        self._asked = bool(self._digest)
+        self._fetched: tuple[str, bytes] | None = None
+        self._prefetched: dict[str, _Prefetch] = {}
 
     def digest(self) -> str | None:
-        if not self._asked:
-            self._asked = True
-            from wasidispatch.oci.image import Digest
-            from wasidispatch.oci.registry import _ACCEPT
-
-            client = self.client
-            url = client.url("manifests", client.container.tag)
-            response = client.request("HEAD", url, headers={"Accept": _ACCEPT})
-            response.close()
-            echoed = response.headers.get("Docker-Content-Digest") or ""
-            if response.status_code == 200:  # otherwise the GET says what is wrong
-                with contextlib.suppress(SpecError):
-                    if Digest.parse(echoed).algorithm == "sha256":
-                        self._digest = echoed
-        return self._digest
+        # By tag: the manifest itself is fetched (one request, as a HEAD would be), and its own
+        # digest looked up in the cache; a miss goes on with the bytes already here.
+        if self._digest is None and self._fetched is None:
+            self._fetched = self._get(self.client.container.tag, blob=False)
+        return self._digest or (self._fetched[0] if self._fetched else None)
 
     def top(self) -> tuple[str, bytes]:
-        reference = self.digest() or self.client.container.tag
-        digest, body = self._get(reference, blob=False)
+        if self._fetched is None:
+            self._fetched = self._get(self._digest or self.client.container.tag, blob=False)
+        digest, body = self._fetched
         return self._digest or digest, body
 
     def document(self, descriptor: Descriptor, *, blob: bool) -> bytes:
@@ -820,6 +844,23 @@ class _RegistrySource:
         self.check_deadline()
         return data
 
+    def prefetch(self, descriptor: Descriptor) -> None:
+        """Start the request for a layer in the background (a registry's answer takes longer
+        than reading it here): :meth:`layer` takes the response over, :meth:`close` drops it
+        when it was not needed."""
+        if descriptor.data is None and descriptor.digest not in self._prefetched:
+            self._prefetched[descriptor.digest] = _Prefetch(lambda: self._open_blob(descriptor))
+
+    def _open_blob(self, descriptor: Descriptor) -> Any:
+        client = self.client
+        response = client.request("GET", client.url("blobs", descriptor.digest), stream=True)
+        try:
+            client.check(response, f"blob {descriptor.digest}")
+        except BaseException:
+            response.close()
+            raise
+        return response
+
     @contextlib.contextmanager
     def layer(self, descriptor: Descriptor) -> Iterator[io.BufferedReader]:
         if descriptor.data is not None:
@@ -827,17 +868,60 @@ class _RegistrySource:
             self.bytes_read += len(data)
             yield io.BufferedReader(io.BytesIO(data), _BUFFER)
             return
-        client = self.client
-        response = client.request("GET", client.url("blobs", descriptor.digest), stream=True)
+        pending = self._prefetched.pop(descriptor.digest, None)
+        response = pending.result() if pending is not None else self._open_blob(descriptor)
         try:
-            client.check(response, f"blob {descriptor.digest}")
-            body = _HTTPBody(response, self, descriptor.size)
-            yield io.BufferedReader(body, _BUFFER)
+            yield io.BufferedReader(_HTTPBody(response, self, descriptor.size), _BUFFER)
         finally:
             response.close()  # mid-body: the connection is dropped, nothing more is read
 
     def check_deadline(self, cause: BaseException | None = None) -> None:
         self.client.check_deadline(cause)
+
+    def close(self) -> None:
+        """Drop prefetched responses nobody read."""
+        for pending in self._prefetched.values():
+            pending.discard()
+        self._prefetched.clear()
+
+
+class _Prefetch:
+    """One request made on a thread of its own; its response is taken or discarded."""
+
+    def __init__(self, start: Any) -> None:
+        self._lock = threading.Lock()
+        self._response: Any = None
+        self._error: BaseException | None = None
+        self._discarded = False
+        self._thread = threading.Thread(target=self._run, args=(start,), daemon=True)
+        self._thread.start()
+
+    def _run(self, start: Any) -> None:
+        try:
+            response = start()
+        except BaseException as exc:
+            self._error = exc
+            return
+        with self._lock:
+            if not self._discarded:
+                self._response = response
+                return
+        response.close()
+
+    def result(self) -> Any:
+        """The response (waiting for it), or the request's error."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._response
+
+    def discard(self) -> None:
+        """Close the response now, or as soon as it arrives (without waiting for it)."""
+        with self._lock:
+            self._discarded = True
+            response, self._response = self._response, None
+        if response is not None:
+            response.close()
 
 
 class _HTTPBody(io.RawIOBase):
@@ -1005,6 +1089,7 @@ class Classifier:
                 client.deadline = deadline
                 _bind_deadline(client.registry.session, deadline)
             source = _RegistrySource(reference, client, deadline)
+            stack.callback(source.close)  # before the deadline ends: its sockets are bound
             try:
                 return self._decide(source, reference, want, wanted)
             except SpecError as exc:
@@ -1181,6 +1266,9 @@ class _Decision:
         if config_type not in _IMAGE_CONFIG_TYPES:
             self.evidence.append(f"config media type {config_type}: neither an image nor Wasm")
             return self.result("unknown", digest)
+        if not is_wasm_image(manifest):
+            # Unless the config settles it, the top layer is read next: ask for it already.
+            self.source.prefetch(manifest.layers[-1])
         config = ImageConfig.parse(
             self.source.document(manifest.config, blob=True), source=f"{self.reference} config"
         )
