@@ -654,7 +654,26 @@ def test_an_entrypoint_escaping_the_root_stays_in_the_image(
 
 def test_a_directory_or_device_entrypoint(tmp_path: Path, fresh: Classifier) -> None:
     make_image(tmp_path / "l", "v1", [tar_of(("dir", "bin"))], {"Entrypoint": ["/bin"]})
-    with pytest.raises(SpecError, match="is a dir, not a file"):
+    with pytest.raises(SpecError, match="is a directory, not a file"):
+        fresh.classify(f"{tmp_path / 'l'}:v1")
+
+
+def test_a_windows_image_is_unknown(tmp_path: Path, fresh: Classifier) -> None:
+    layer = tar_of(("file", "Files/app.exe", b"MZ\x90\0"))
+    run = {"Entrypoint": ["C:\\app.exe"]}
+    make_image(tmp_path / "l", "v1", [layer], run, os_name="windows", arch="amd64")
+    decision = fresh.classify(f"{tmp_path / 'l'}:v1")
+    assert (decision.kind, decision.evidence[-1]) == (
+        "unknown",
+        "a windows image: neither Linux nor Wasm",
+    )
+    assert decision.bytes_read < len(layer)  # its layers are not looked into
+
+
+def test_overlong_names_are_refused(tmp_path: Path, fresh: Classifier) -> None:
+    layer = tar_of(("symlink", "app", "x/" * 3000))
+    make_image(tmp_path / "l", "v1", [layer], {"Entrypoint": ["/app"]})
+    with pytest.raises(SpecError, match="a tar member name or link over 4096 bytes"):
         fresh.classify(f"{tmp_path / 'l'}:v1")
 
 

@@ -95,12 +95,16 @@ CACHE_SIZE = 1024
 """Decisions the in-process cache keeps (least recently used dropped first)."""
 
 MAX_ENTRIES = 1 << 20
-"""At most this many tar headers are indexed over all the layers of one image."""
+"""At most this many tar headers are indexed over all the layers of one image (with at most
+128 MiB of names): what one decision may hold in memory is bounded."""
 
 _HEAD = SCRIPT_LINE_MAX  # an ELF header, a Wasm preamble, a #! line (the kernel reads 256)
 _HEADS_MAX = 16 << 20  # first bytes kept for files that may turn out to be the entrypoint
 _BUFFER = 1 << 16  # read size: small enough that an early stop reads little past the answer
 _MAX_RESCANS = 64
+_PATH_MAX = 4096  # Linux's: a longer name is no path the container could run
+_NAMES_MAX = 128 << 20  # member names and link targets kept in the index, over all layers
+_ENTRY_COST = 64  # what one indexed entry costs beside its names (for the bound above)
 
 _WASM_CONFIG_TYPES = (
     "application/vnd.wasm.config.v0+json",
@@ -293,6 +297,7 @@ class _Rootfs:
         self.max_scan = max_scan
         self.entries_left = max_entries
         self.max_entries = max_entries
+        self.names_left = _NAMES_MAX
         self.heads_left = _HEADS_MAX
         self.layers_read: set[int] = set()
 
@@ -402,7 +407,10 @@ class _Rootfs:
                 raise SpecError(f"entrypoint {name!r} is not in the image")
             file = self.regular(loc)
             if file is None:
-                raise SpecError(f"entrypoint {name!r} is a {loc.entry.kind}, not a file")
+                what = {"dir": "a directory", "symlink": "a symlink"}.get(
+                    loc.entry.kind, "a device, FIFO or socket"
+                )
+                raise SpecError(f"entrypoint {name!r} is {what}, not a file")
             return _Found(file, self.head(file), f"{name!r}")
         directories = [entry or "." for entry in path_env.split(":")]
         for directory in directories:
@@ -509,6 +517,11 @@ class _Rootfs:
         self.entries_left -= 1
         if self.entries_left < 0:
             raise SpecError(f"{name}: over {self.max_entries} tar headers (MAX_ENTRIES)")
+        if len(member.name) > _PATH_MAX or len(member.linkname) > _PATH_MAX:
+            raise SpecError(f"{name}: a tar member name or link over {_PATH_MAX} bytes")
+        self.names_left -= len(member.name) + len(member.linkname) + _ENTRY_COST
+        if self.names_left < 0:
+            raise SpecError(f"{name}: over {_NAMES_MAX} bytes of tar member names indexed")
         path = _norm(member.name)
         base = posixpath.basename(path)
         parent = posixpath.dirname(path)
@@ -1005,6 +1018,7 @@ class Classifier:
     ``cache_size``: decisions kept (0: none). ``max_scan``: decompressed layer bytes scanned
     per image. ``max_entries``: tar headers indexed per image. Thread-safe: one instance can
     serve concurrent callers (the cache has a lock; each call has its own connections).
+    ``hits`` and ``misses`` count the answers the cache gave and could not give.
     """
 
     def __init__(
@@ -1277,6 +1291,9 @@ class _Decision:
             self.evidence.append(f"config platform {shown}: Wasm")
             return self.result("wasm", digest, platform=shown)
         self.evidence.append(f"config platform {shown}")
+        if config.os != "linux":
+            self.evidence.append(f"a {config.os} image: neither Linux nor Wasm")
+            return self.result("unknown", digest, platform=shown)
         run = config.config
         argv = [*(run.entrypoint or []), *(run.cmd or [])] if run is not None else []
         if is_wasm_image(manifest, config):
