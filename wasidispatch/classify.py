@@ -15,15 +15,17 @@ local image layout (``DIR`` or ``DIR:TAG``) and answers an :class:`ImageDecision
    upper layers first, ``.wh.`` whiteouts and ``.wh..wh..opq`` opaque directories, symlinks
    followed inside the image with ``..`` clamped at its root as the kernel does, hard links),
    then :func:`wasidispatch.detect.sniff` on its first 256 bytes. ELF gives the architecture.
+   An image whose config names another OS (``windows``) is ``unknown`` without this step.
 
 Layers are streamed top layer first and only as far as the answer needs: once the entrypoint's
 first bytes are known the stream is closed (an HTTP response mid-body, a file mid-way). Deciding
 that a name is *absent* from a directory needs every layer to be read through (a lower layer
 could hold it), so a bare command searched along a ``PATH`` that does not find it in its first
-directory reads more than an absolute entrypoint. Layer bytes read this way are not verified
-against their digests (a layer is verified only when read to its end); manifests, indexes and
-configs always are. Gzip and uncompressed layers are read (compression is detected from the
-bytes, as containerd does); zstd needs the ``zstandard`` module, otherwise a
+directory reads more than an absolute entrypoint. A layer listing one path twice is decided by
+the copy met first when the answer comes before the second. Layer bytes read this way are not
+verified against their digests (a layer is verified only when read to its end); manifests,
+indexes and configs always are. Gzip and uncompressed layers are read (compression is
+detected from the bytes, as containerd does); zstd needs the ``zstandard`` module, otherwise a
 :class:`~wasidispatch.errors.SpecError` says so.
 
 Multi-platform indexes: the ``platform`` asked for (``OS/ARCH[/VARIANT]``; any ``wasi*`` OS
@@ -34,8 +36,10 @@ Results are cached in-process (an LRU of :data:`CACHE_SIZE` decisions) by manife
 scoped to the registry repository or the layout directory the image came from (layer bytes are
 read unverified, so one source's answer is never reused for another's). A reference by digest
 or a layout is answered from the cache without a network request; a reference by tag still
-costs one ``HEAD`` of its manifest to learn the digest. :attr:`ImageDecision.bytes_read` counts
-the bytes read for one answer (0 when it came from the cache).
+costs one ``GET`` of its manifest (the digest is that of the bytes received), a few ms on a
+loopback registry against tens of us. On a miss the top layer's request is started while the
+config is fetched. :attr:`ImageDecision.bytes_read` counts the bytes read for one answer (0
+when it came from the cache).
 
 Bounds: one deadline for everything (``timeout``, seconds), manifests and configs of at most
 :data:`~wasidispatch.oci.layout.MAX_MANIFEST_SIZE`, indexes nested at most
