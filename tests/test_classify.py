@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -1149,3 +1150,14 @@ def test_the_subcommand_registers_on_a_parser() -> None:
         None,
     )
     assert args.func is classify_cli.run
+
+
+def test_importing_classify_is_light() -> None:
+    code = (
+        "import wasidispatch.classify, wasidispatch._cli.classify, sys; print(sorted(sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    for heavy in ("pydantic", "oras", "requests", "wasmtime"):
+        assert f"'{heavy}'" not in loaded, f"importing classify loads {heavy}"

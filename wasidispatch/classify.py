@@ -1032,10 +1032,8 @@ class Classifier:
         max_scan: int | None = None,
         max_entries: int = MAX_ENTRIES,
     ) -> None:
-        from wasidispatch.oci.layout import MAX_LAYER_SCAN
-
         self.cache_size = cache_size
-        self.max_scan = MAX_LAYER_SCAN if max_scan is None else max_scan
+        self.max_scan = max_scan  # None: MAX_LAYER_SCAN (read when needed: a light import)
         self.max_entries = max_entries
         self._cache: OrderedDict[tuple[str, str, str], ImageDecision] = OrderedDict()
         self._lock = threading.Lock()
@@ -1315,6 +1313,7 @@ class _Decision:
         self, digest: str, manifest: Manifest, config: ImageConfig, name: str, shown: str
     ) -> ImageDecision:
         from wasidispatch._resolve import DEFAULT_PATH
+        from wasidispatch.oci.layout import MAX_LAYER_SCAN
 
         run = config.config
         assert run is not None  # manifest() found an Entrypoint or Cmd in it
@@ -1326,7 +1325,9 @@ class _Decision:
         rootfs = _Rootfs(
             self.source,
             manifest.layers,
-            max_scan=self.classifier.max_scan,
+            max_scan=MAX_LAYER_SCAN
+            if self.classifier.max_scan is None
+            else self.classifier.max_scan,
             max_entries=self.classifier.max_entries,
         )
         search = path_env if path_env is not None else DEFAULT_PATH
