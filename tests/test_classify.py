@@ -948,6 +948,25 @@ def test_a_registry_reference_by_digest_is_cached_without_a_request(
 
 
 @needs_registry
+def test_a_multi_platform_index_from_a_registry(
+    registry: str, multi: Path, fresh: Classifier
+) -> None:
+    pushed = push(multi, "all", f"{registry}/apps/multi:1")
+    here = ImageLayout.open(multi).resolve("here")[0]
+    decision = fresh.classify(f"{registry}/apps/multi:1")
+    assert (decision.kind, decision.digest, decision.architecture) == (
+        "linux",
+        here.digest,
+        NODE_ARCH,
+    )
+    riscv = fresh.classify(f"{registry}/apps/multi@{pushed.digest}", platform="linux/riscv64")
+    assert (riscv.kind, riscv.architecture) == ("linux", "riscv64")
+    wasm = fresh.classify(f"{registry}/apps/multi:1", platform="wasi/wasm")
+    assert wasm.kind == "wasm"
+    assert wasm.bytes_read == pushed.size  # the index alone: the Wasm entry decides
+
+
+@needs_registry
 def test_registry_errors_are_typed(registry: str, fresh: Classifier) -> None:
     with pytest.raises(RegistryError, match="HTTP 404"):
         fresh.classify(f"{registry}/apps/none:1")
