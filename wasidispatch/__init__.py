@@ -108,6 +108,7 @@ _EXPORTS: dict[str, str] = {
     "push": "wasidispatch.oci.registry",
     "wasm_layers": "wasidispatch.oci.layout",
     # images classified before scheduling
+    "Classifier": "wasidispatch.classify",
     "ImageDecision": "wasidispatch.classify",
     "classify": "wasidispatch.classify",
     # node set-up (containerd's config)
@@ -122,7 +123,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from wasidispatch.cache import CachedArtifact, CacheEntry, CacheStats, PrecompileCache
-    from wasidispatch.classify import ImageDecision, classify
+    from wasidispatch.classify import Classifier, ImageDecision, classify
     from wasidispatch.detect import Detected as Detected
     from wasidispatch.detect import ElfInfo as ElfInfo
     from wasidispatch.detect import ScriptInfo as ScriptInfo
