@@ -29,11 +29,7 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
 import tarfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,6 +39,7 @@ import wasmtime
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from tests.containerd_harness import busybox_layout
+from tests.registry_harness import REGISTRY_BIN, local_registry
 from wasidispatch.classify import Classifier
 from wasidispatch.oci.image import (
     MEDIA_TYPE_IMAGE_CONFIG,
@@ -53,7 +50,6 @@ from wasidispatch.oci.image import (
 from wasidispatch.oci.layout import ImageLayout, node_platform, pack_image
 from wasidispatch.oci.registry import pull, push
 
-REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 NODE_OS, NODE_ARCH = node_platform().split("/")[:2]
 WASM = bytes(wasmtime.wat2wasm('(module (func (export "_start")))'))
 
@@ -69,52 +65,11 @@ class Pushed(NamedTuple):
     layout: Path  # the layout it was pushed from
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Debian's docker-registry (distribution 2.8) on 127.0.0.1, plain HTTP."""
-    base = tmp_path_factory.mktemp("registry")
-    port = _free_port()
-    (base / "config.yml").write_text(
-        "version: 0.1\nlog:\n  level: error\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {base / 'storage'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    log = (base / "registry.log").open("wb")
-    proc = subprocess.Popen(
-        [REGISTRY_BIN, "serve", str(base / "config.yml")],
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
-    address = f"127.0.0.1:{port}"
-    try:
-        for _ in range(200):  # until it answers (bounded)
-            try:
-                with urllib.request.urlopen(f"http://{address}/v2/", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError((base / "registry.log").read_text()) from None
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("docker-registry did not start")
-        yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with local_registry(tmp_path_factory.mktemp("registry")) as running:
+        yield running.address
 
 
 def _tar(files: list[tuple[str, bytes, int]]) -> bytes:

@@ -10,13 +10,10 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
 import threading
-import time
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,6 +22,8 @@ import pytest
 import wasmtime
 
 from tests.containerd_harness import busybox_layout
+from tests.registry_harness import REGISTRY_BIN, local_registry
+from tests.registry_harness import free_port as _free_port
 from wasidispatch._cli import classify as classify_cli
 from wasidispatch.classify import Classifier, ImageDecision, classify
 from wasidispatch.errors import RegistryError, SpecError
@@ -46,7 +45,6 @@ WASM = bytes(wasmtime.wat2wasm('(module (func (export "_start")))'))
 COMPONENT = b"\0asm\x0d\0\x01\0"  # a component preamble (what a real component starts with)
 BUSYBOX = shutil.which("busybox")
 ARM64_BUSYBOX = Path(__file__).parent / ".fixtures" / "arm64" / "busybox"
-REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 
 needs_busybox = pytest.mark.skipif(BUSYBOX is None, reason="busybox-static not installed")
 needs_registry = pytest.mark.skipif(
@@ -845,53 +843,15 @@ def test_the_module_function_uses_one_shared_cache(tmp_path: Path) -> None:
 # --- a real registry ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real registry (distribution 2.8) serving plain HTTP on 127.0.0.1:<free port>."""
     if not Path(REGISTRY_BIN).exists():
         pytest.skip("docker-registry not installed (make system-deps)")
     base = tmp_path_factory.mktemp("registry")
-    port = _free_port()
-    config = base / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: error\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {base / 'storage'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    log = (base / "registry.log").open("wb")
-    proc = subprocess.Popen(
-        [REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=log, start_new_session=True
-    )
-    address = f"127.0.0.1:{port}"
-    try:
-        for _ in range(200):  # wait until it answers (bounded; not a timing assertion)
-            try:
-                with urllib.request.urlopen(f"http://{address}/v2/", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError((base / "registry.log").read_text()) from None
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("docker-registry did not start")
+    with local_registry(base) as running:
+        address = running.address
         yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @needs_registry

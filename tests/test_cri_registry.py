@@ -21,11 +21,7 @@ they were, and no process, mount, cgroup, socket, FIFO or state is left.
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -40,11 +36,11 @@ from tests.containerd_harness import (
     missing_shim,
 )
 from tests.cri_harness import SHIM_HANDLER, CriClient, CriContainerd, cri_containerd, read_log
+from tests.registry_harness import REGISTRY_BIN, local_registry
 from wasidispatch.oci.image import Digest
 from wasidispatch.oci.layout import IMAGE_WASM_PATH, ImageLayout, pack_image, pack_wasm
 from wasidispatch.oci.registry import push
 
-REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 ALIAS = "registry.wasm.test:5000"
 """A registry host no resolver knows (RFC 2606 ``.test``): only the hosts.toml maps it."""
 GREETING = "hello from the registry"
@@ -77,51 +73,13 @@ UNPACK_REFUSED = (
 # ------------------------------------------------------------------------ fixtures
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real registry (distribution 2.8) on 127.0.0.1:<free port>, plain HTTP; its address."""
     base = tmp_path_factory.mktemp("cri-registry")
-    port = _free_port()
-    config = base / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: error\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {base / 'storage'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    log = (base / "registry.log").open("wb")
-    proc = subprocess.Popen(
-        [REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=log, start_new_session=True
-    )
-    address = f"127.0.0.1:{port}"
-    try:
-        for _ in range(200):  # wait until it answers (bounded; not a timing assertion)
-            try:
-                with urllib.request.urlopen(f"http://{address}/v2/", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError((base / "registry.log").read_text()) from None
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("docker-registry did not start")
+    with local_registry(base) as running:
+        address = running.address
         yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import http.server
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -17,6 +15,8 @@ from typing import Any, NamedTuple
 import pytest
 import wasmtime
 
+from tests.registry_harness import REGISTRY_BIN, LocalRegistry, local_registry
+from tests.registry_harness import free_port as _free_port
 from wasidispatch.errors import RegistryError, SpecError
 from wasidispatch.oci import registry as registry_module
 from wasidispatch.oci.image import (
@@ -31,64 +31,17 @@ from wasidispatch.oci.image import (
 from wasidispatch.oci.layout import ImageLayout, pack_wasm, wasm_layers
 from wasidispatch.oci.registry import MAX_INDEX_DEPTH, MAX_PULL_MANIFESTS, pull, push
 
-REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-
 pytestmark = pytest.mark.skipif(
     not Path(REGISTRY_BIN).exists(), reason="docker-registry not installed (make system-deps)"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class LocalRegistry(NamedTuple):
-    address: str  # host:port
-    storage: Path  # the filesystem driver's root directory
 
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
     """A real registry (distribution 2.8) serving plain HTTP on 127.0.0.1:<free port>."""
     base = tmp_path_factory.mktemp("registry")
-    port = _free_port()
-    config = base / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: error\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {base / 'storage'}\n"
-        "  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    log = (base / "registry.log").open("wb")
-    proc = subprocess.Popen(
-        [REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=log, start_new_session=True
-    )
-    address = f"127.0.0.1:{port}"
-    try:
-        for _ in range(200):  # wait until it answers (bounded; not a timing assertion)
-            try:
-                with urllib.request.urlopen(f"http://{address}/v2/", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError((base / "registry.log").read_text()) from None
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("docker-registry did not start")
-        yield LocalRegistry(address, base / "storage")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with local_registry(base, delete=True) as running:
+        yield running
 
 
 @pytest.fixture

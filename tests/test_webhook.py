@@ -15,13 +15,11 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +28,8 @@ import pytest
 import wasmtime
 
 from tests.containerd_harness import busybox_layout, wasm_layout
+from tests.registry_harness import REGISTRY_BIN, local_registry
+from tests.registry_harness import free_port as _free_port
 from wasidispatch._cli import webhook as webhook_cli
 from wasidispatch.classify import ImageDecision
 from wasidispatch.errors import RegistryError, SpecError
@@ -46,7 +46,6 @@ from wasidispatch.webhook import (
 )
 
 DATA = Path(__file__).parent / "data" / "admission"
-REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 OPENSSL = shutil.which("openssl")
 SPEC = "/spec/runtimeClassName"
 TEMPLATE = "/spec/template/spec/runtimeClassName"
@@ -526,13 +525,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return _make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real registry (distribution 2.8) on 127.0.0.1 holding ``wasm/hello:1`` (a runnable
@@ -543,44 +535,13 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from wasidispatch.oci.registry import push
 
     base = tmp_path_factory.mktemp("registry")
-    port = _free_port()
-    config = base / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: error\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {base / 'storage'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    log = (base / "registry.log").open("wb")
-    proc = subprocess.Popen(
-        [REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=log, start_new_session=True
-    )
-    address = f"127.0.0.1:{port}"
-    try:
-        for _ in range(200):  # wait until it answers (bounded; not a timing assertion)
-            try:
-                with urllib.request.urlopen(f"http://{address}/v2/", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError((base / "registry.log").read_text()) from None
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("docker-registry did not start")
+    with local_registry(base) as running:
+        address = running.address
         module = bytes(wasmtime.wat2wasm('(module (func (export "_start")))'))
         wasm = wasm_layout(base / "wasm", {"hello.wasm": module}, "/hello.wasm")
         push(wasm, "test", f"{address}/{WASM_REPO}", plain_http=True)
         push(busybox_layout(base / "busybox"), "test", f"{address}/{BUSYBOX_REPO}", plain_http=True)
         yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 class Served(NamedTuple):
