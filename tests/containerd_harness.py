@@ -417,6 +417,14 @@ class PrivateContainerd:
     def stop(self) -> None:
         """Stop the daemon, kill what is left of shims and containers, unmount, remove the
         cgroups, our sockets, FIFO directories and runc state, and the whole directory."""
+        self._shutdown()
+        if self.namespace != "default":
+            shutil.rmtree(SHIM_RUNC_ROOT / self.namespace, ignore_errors=True)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def _shutdown(self) -> None:
+        """`stop` up to the state directories: the daemon stopped, what is left of its
+        shims and containers killed, unmounted, its cgroups, sockets and FIFO dirs gone."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -433,9 +441,6 @@ class PrivateContainerd:
                 os.unlink(path)
         for path in self.fifo_dirs():
             shutil.rmtree(path, ignore_errors=True)
-        if self.namespace != "default":
-            shutil.rmtree(SHIM_RUNC_ROOT / self.namespace, ignore_errors=True)
-        shutil.rmtree(self.base, ignore_errors=True)
 
     def _kill_leftovers(self, timeout: float = 10.0) -> None:
         """SIGKILL every process of ours (frozen cgroups thawed first) and wait for them."""

@@ -886,29 +886,13 @@ class CriContainerd(PrivateContainerd):
         does, except that of our shim's shared ``k8s.io`` runc root only this daemon's
         entries are removed."""
         import shutil
-        import signal
 
         if self.alive():
             self.remove_pods()
         ids = self.known_ids()
         for made in self._clients:
             made.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._kill_leftovers()
-        for point in self.mounts():
-            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-        self._remove_cgroups()
-        for path in self.sockets():
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        for path in self.fifo_dirs():
-            shutil.rmtree(path, ignore_errors=True)
+        self._shutdown()
         for state in self._shim_states(ids):
             shutil.rmtree(state, ignore_errors=True)
         with contextlib.suppress(OSError):
