@@ -7,8 +7,6 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from wasidispatch.engines import Cancel
     from wasidispatch.executor import DispatchExecutor
 
@@ -102,7 +100,10 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         watched = [signal.SIGHUP, signal.SIGTERM, *([signal.SIGINT] if cancel is not None else [])]
         if cancel is not None:
-            unwatch = _cancel_on_signals(cancel)  # before the handlers: no signal is missed
+            from wasidispatch._signals import cancel_on_signals
+
+            # before the handlers: no signal is missed
+            unwatch = cancel_on_signals(cancel, (signal.SIGTERM, signal.SIGHUP, signal.SIGINT))
         for signum in watched:
             previous[signum] = old = signal.getsignal(signum)
             if old is not signal.SIG_IGN:  # nohup: SIGHUP stays ignored
@@ -124,38 +125,6 @@ def run(args: argparse.Namespace) -> int:
             f"wasidispatch: exit code {ran.exit_code}{reason} in {elapsed:.1f} ms", file=sys.stderr
         )
     return 128 + received[0] if received else ran.exit_code
-
-
-def _cancel_on_signals(cancel: Cancel) -> Callable[[], None]:
-    """Fire ``cancel`` as soon as SIGTERM, SIGHUP or SIGINT arrives, also while the guest runs
-    in native code (where Python runs no signal handler until the engine returns: a looping
-    guest would ignore them). The C-level handler writes the signal number to the wakeup fd
-    at once; a watcher thread reads it and cancels. Returns the function that undoes it."""
-    import os
-    import signal
-    import threading
-
-    wanted = {int(signal.SIGTERM), int(signal.SIGHUP), int(signal.SIGINT)}
-    r, w = os.pipe2(os.O_CLOEXEC)
-    os.set_blocking(w, False)
-    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)  # main thread only
-
-    def watch() -> None:
-        while data := os.read(r, 64):
-            for signum in data:
-                if signum in wanted:
-                    cancel.cancel(signum)
-
-    watcher = threading.Thread(target=watch, name="wasidispatch-signals", daemon=True)
-    watcher.start()
-
-    def unwatch() -> None:
-        signal.set_wakeup_fd(old_fd)
-        os.close(w)  # the watcher reads EOF and ends
-        watcher.join()
-        os.close(r)
-
-    return unwatch
 
 
 def _exit_by_signal(signum: int, frame: object) -> None:

@@ -36,6 +36,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
+from wasidispatch._signals import cancel_on_signals
 from wasidispatch.errors import ShimError
 
 __all__ = ["Zygote", "container_main"]
@@ -216,7 +217,7 @@ def _executor(engine: str | None, cache_dir: str | None) -> object:
                 f"wasidispatch zygote: running without a precompile cache: {exc}", file=sys.stderr
             )
     choice = tuple(e for e in engines.split(",") if e) if engines else None
-    executor = WasmExecutor(choice, cache=cache)
+    executor = WasmExecutor(choice, cache=cache, engine_options=SERIAL_ENGINES)
     # import what every container needs now, so a fork inherits it loaded
     import fcntl  # noqa: F401  # a terminal's set-up, after the container's pivot_root
     import termios  # noqa: F401
@@ -227,7 +228,7 @@ def _executor(engine: str | None, cache_dir: str | None) -> object:
     import wasidispatch.runc.wasm_container  # noqa: F401
     from wasidispatch import engines as registry
 
-    serial_engines(executor, choice or ("wasmtime-fast",))
+    load_engines(executor, choice or ("wasmtime-fast",))
     del registry
     if _threads() != 1:
         print(
@@ -237,21 +238,21 @@ def _executor(engine: str | None, cache_dir: str | None) -> object:
     return executor
 
 
-def serial_engines(executor: object, names: Sequence[str]) -> None:
-    """Make every wasmtime engine this process constructs compile on the calling thread (a
-    compile in a container, on a cache miss, must leave no thread behind: only the calling
-    thread enters the sandbox), and construct ``names``' thread-free engines in ``executor``
-    now (the library loaded, nothing compiled). Engines that start threads anyway
-    (wasmer-sdk's event loop) are made in the container, which the sandbox then refuses.
-    For a process that forks containers (the zygote) or is one (``wasidispatch-runc``)."""
-    from wasidispatch import executor as module
+#: Engine options for a process that forks containers (the zygote) or is one
+#: (``wasidispatch-runc``): a compile there (a cache miss) must leave no thread behind, since
+#: only the calling thread enters the sandbox. wasmer-sdk starts an event-loop thread anyway:
+#: a sandboxed container on it is refused.
+SERIAL_ENGINES: dict[str, dict[str, object]] = {
+    name: {"parallel_compilation": False} for name in _THREAD_FREE
+}
 
-    assert isinstance(executor, module.WasmExecutor)
-    for name in _THREAD_FREE:
-        module._ENGINE_OPTIONS[name] = {
-            **module._ENGINE_OPTIONS.get(name, {}),
-            "parallel_compilation": False,
-        }
+
+def load_engines(executor: object, names: Sequence[str]) -> None:
+    """Construct ``names``' thread-free engines in ``executor`` now (the library loaded,
+    nothing compiled), so a forked container inherits them."""
+    from wasidispatch.executor import WasmExecutor
+
+    assert isinstance(executor, WasmExecutor)
     for name in names:
         if name in _THREAD_FREE:
             with contextlib.suppress(Exception):
@@ -391,25 +392,12 @@ _CANCELLING = (
 
 
 def _cancel_on_signals() -> object:
-    """A `Cancel` fired by any of `_CANCELLING`, also while the guest runs in native code:
-    the C-level handler writes the number to a wakeup fd a watcher thread reads."""
+    """A `Cancel` fired by any of `_CANCELLING` (`wasidispatch._signals`; both imported
+    before the container's pivot_root)."""
     from wasidispatch.engines import Cancel
 
     cancel = Cancel()
-    r, w = os.pipe2(os.O_CLOEXEC)
-    os.set_blocking(w, False)
-    wanted = {int(s) for s in _CANCELLING}
-    for sig in _CANCELLING:
-        signal.signal(sig, lambda signum, frame: None)
-    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-
-    def watch() -> None:
-        while data := os.read(r, 64):
-            for signum in data:
-                if signum in wanted:
-                    cancel.cancel(signum)
-
-    threading.Thread(target=watch, name="wasidispatch-signals", daemon=True).start()
+    cancel_on_signals(cancel, _CANCELLING, install=True)
     return cancel
 
 
