@@ -34,6 +34,7 @@ from wasidispatch.executor import (
     parse_duration,
 )
 from wasidispatch.oci.bundle import Bundle
+from wasidispatch.runc.spec import LeanBundle
 
 needs_runc = pytest.mark.skipif(
     shutil.which("runc") is None or os.geteuid() != 0, reason="needs Debian's runc, as root"
@@ -541,3 +542,19 @@ def test_run_cancelled_from_another_thread(tmp_path: Path, engine: str) -> None:
     finally:
         timer.cancel()
     assert (result.exit_code, result.reason) == (128 + signal.SIGTERM, ExitReason.CANCELLED)
+
+
+def test_engine_options_reach_the_engines_it_makes(tmp_path: Path) -> None:
+    """``engine_options`` are the constructor arguments of engines made by name: a bad one is
+    the engine's own error in the refusal, a good one (serial compilation) runs the guest."""
+    bundle = wasm_bundle(tmp_path / "hello", build_c("hello"))
+    refused = WasmExecutor("wasmtime", engine_options={"wasmtime": {"opt_level": "fastest"}})
+    with pytest.raises(CantHandle, match="opt_level 'fastest'"):
+        refused.plan(LeanBundle.load(bundle))
+    serial = WasmExecutor(
+        "wasmtime-fast",
+        engine_options={"wasmtime-fast": {"parallel_compilation": False}},
+        stdout=Stdio.capture(),
+    )
+    result = serial.run(serial.prepare(LeanBundle.load(bundle)))
+    assert (result.exit_code, result.stdout) == (0, b"hello from wasi\n")

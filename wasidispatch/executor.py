@@ -391,7 +391,8 @@ class WasmExecutor:
     ``engine`` is a registry name, an `Engine`, or a sequence of them in order of preference;
     the first one that can honour the workload runs it (the others' refusals are kept as notes
     in the decision). The default prefers the cffi fast path and falls back to wasmtime-py
-    (components) and Wasmer.
+    (components) and Wasmer. ``engine_options`` gives the constructor arguments of engines
+    the executor makes by name (``{"wasmtime": {"parallel_compilation": False}}``).
 
     Example::
 
@@ -409,7 +410,13 @@ class WasmExecutor:
         stdin: Stdio | None = None,
         stdout: Stdio | None = None,
         stderr: Stdio | None = None,
+        engine_options: Mapping[str, Mapping[str, object]] | None = None,
     ) -> None:
+        # per registry name: keyword arguments for the engine's constructor, over the defaults
+        self._options = {
+            name: {**_ENGINE_OPTIONS.get(name, {}), **(engine_options or {}).get(name, {})}
+            for name in {*_ENGINE_OPTIONS, *(engine_options or {})}
+        }
         if engine is None:
             choices: Sequence[str | Engine] = DEFAULT_ENGINES
             self._explicit = False
@@ -442,8 +449,7 @@ class WasmExecutor:
                 # Wasmer cannot make a read-only preopen refuse writes; for a container the
                 # promise that matters is that the host rootfs is never changed, which its
                 # copy-on-write mirror keeps (docs/dispatch.md, "Engines that mirror").
-                options = _ENGINE_OPTIONS.get(choice, {})
-                got = engines.get(choice, **options)
+                got = engines.get(choice, **self._options.get(choice, {}))
             except Exception as exc:  # EngineUnavailable and friends: remembered, reported
                 got = exc
             self._loaded[choice] = got

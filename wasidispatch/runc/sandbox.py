@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wasidispatch.errors import ExecutorError, SpecError
+from wasidispatch.runc.wasm_container import _rlim
 
 if TYPE_CHECKING:
     from wasidispatch.engines import Workload
@@ -969,10 +970,6 @@ def _capset(effective: int, permitted: int, inheritable: int) -> None:
         inheritable >> 32,
     )
     _check(_libc().capset(ctypes.byref(header), ctypes.byref(data)), "capset")
-
-
-def _rlim(value: int) -> int:
-    return resource.RLIM_INFINITY if value >= (1 << 63) - 1 else value
 
 
 def _rlimits(process: Mapping[str, Any]) -> None:

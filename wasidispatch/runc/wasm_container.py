@@ -521,7 +521,9 @@ def _rlim(value: int) -> int:
     return resource.RLIM_INFINITY if value >= (1 << 63) - 1 else value
 
 
-def _executor(log: RuntimeLog) -> WasmExecutor:
+def _executor(log: RuntimeLog, *, serial: bool = False) -> WasmExecutor:
+    """The container's executor; ``serial``: its engines compile on the calling thread (a
+    sandboxed container process must have no other thread)."""
     from wasidispatch.executor import WasmExecutor
 
     engines = os.environ.get("WASIDISPATCH_ENGINE")
@@ -535,7 +537,11 @@ def _executor(log: RuntimeLog) -> WasmExecutor:
         except CacheError as exc:  # the cache is an optimisation: the container runs uncached
             log.warning(f"running without a precompile cache: {exc}")
     engine = tuple(e for e in engines.split(",") if e) if engines else None
-    return WasmExecutor(engine, cache=cache)
+    if not serial:
+        return WasmExecutor(engine, cache=cache)
+    from wasidispatch.wasmshim.zygote import SERIAL_ENGINES
+
+    return WasmExecutor(engine, cache=cache, engine_options=SERIAL_ENGINES)
 
 
 def _container_process(
@@ -560,11 +566,7 @@ def _container_process(
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
         _close_fds(keep | {ready})
-        executor = _executor(log)
-        if _sandboxed():
-            from wasidispatch.wasmshim.zygote import serial_engines
-
-            serial_engines(executor, ("wasmtime-fast", "wasmtime"))
+        executor = _executor(log, serial=_sandboxed())
         prepared = executor.prepare(planned.bundle)  # map, pick the engine, precompile
         cgroups.join(made)
         fifo_fd = None
